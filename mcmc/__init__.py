@@ -1,0 +1,1 @@
+"""Gradient-based samplers for Pyro models, and diagnostics shared by every sampler."""

@@ -1,0 +1,1 @@
+"""Zoo model modules; importing this package registers every model."""

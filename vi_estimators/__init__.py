@@ -1,0 +1,1 @@
+"""Variational objectives written as programs, transformed into unbiased gradient estimators."""
