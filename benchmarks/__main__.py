@@ -1,0 +1,42 @@
+"""``python -m benchmarks [NAME ...] [--quick] [--out DIR] [--list]``.
+
+With no NAME every registered benchmark runs. Results are printed and written as JSON to
+``--out`` (default ``benchmarks/results``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .harness import discover, format_record, run
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    parser.add_argument("names", nargs="*", help="benchmarks to run (default: all)")
+    parser.add_argument("--quick", action="store_true", help="small sizes, few repeats")
+    parser.add_argument(
+        "--out", default=os.path.join(os.path.dirname(__file__), "results"), help="JSON folder"
+    )
+    parser.add_argument("--list", action="store_true", help="list benchmarks and exit")
+    args = parser.parse_args(argv)
+    registry = discover()
+    if args.list:
+        for name, bench in sorted(registry.items()):
+            print(f"{name}: {bench.description.splitlines()[0] if bench.description else ''}")
+        return 0
+    names = args.names or sorted(registry)
+    unknown = [n for n in names if n not in registry]
+    if unknown:
+        print(f"unknown benchmark(s): {', '.join(unknown)}; available: {', '.join(sorted(registry))}",
+              file=sys.stderr)
+        return 2
+    for name in names:
+        print(format_record(run(name, quick=args.quick, out_dir=args.out)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
