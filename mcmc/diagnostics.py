@@ -87,8 +87,15 @@ def _posterior_from_source(
     if isinstance(source, pyro.infer.MCMC):
         return {k: _numpy(v) for k, v in source.get_samples(group_by_chain=True).items()}
     if isinstance(source, pyro.infer.SVGD):
-        particles = source.get_named_particles()
-        return {k: _numpy(v)[None] for k, v in particles.items()}
+        # Pyro keeps the plate dims of its particle plate: (N, 1, ..., 1, *event_shape).
+        out = {}
+        for name, v in source.get_named_particles().items():
+            shape = tuple(v.shape[1:])
+            for _ in range(source.max_plate_nesting):
+                if shape[:1] == (1,):
+                    shape = shape[1:]
+            out[name] = _numpy(v.reshape((v.shape[0],) + shape))[None]
+        return out
     if isinstance(source, Mapping):
         if kind == "particles":
             return _check_draws({k: _numpy(v)[None] for k, v in source.items()}, "particles")
@@ -166,7 +173,7 @@ def log_likelihood(
                 {
                     name: site["fn"].log_prob(site["value"]).detach()
                     for name, site in tr.nodes.items()
-                    if site["type"] == "sample" and site["is_observed"]
+                    if site["type"] == "sample" and site["is_observed"] and name not in cond
                 }
             )
         out = {k: torch.stack([d[k] for d in per_draw]) for k in per_draw[0]}
@@ -180,7 +187,8 @@ def _vectorised_log_lik(model, flat, args, kwargs, max_plate_nesting):
         tr = poutine.trace(poutine.condition(model, flat)).get_trace(*args, **kwargs)
     out = {}
     for name, site in tr.nodes.items():
-        if site["type"] != "sample" or not site["is_observed"]:
+        # conditioned latents are marked observed by poutine.condition: skip them
+        if site["type"] != "sample" or not site["is_observed"] or name in flat:
             continue
         lp = site["fn"].log_prob(site["value"])
         lp = lp.expand(torch.broadcast_shapes(lp.shape, (num,) + (1,) * (-dim - 1)))

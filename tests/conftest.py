@@ -22,3 +22,12 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip_cuda)
+
+
+def pytest_configure(config):
+    # Under pytest-xdist each worker gets one core: torch's default of one thread per core
+    # would oversubscribe the machine and make timings erratic.
+    import os
+
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        torch.set_num_threads(1)
