@@ -1,4 +1,4 @@
-"""``python -m benchmarks [NAME ...] [--quick] [--out DIR] [--list]``.
+"""``python -m benchmarks [NAME ...] [--quick] [--out DIR] [--list] [--report RESULTS.md]``.
 
 With no NAME every registered benchmark runs. Results are printed and written as JSON to
 ``--out`` (default ``benchmarks/results``).
@@ -10,7 +10,7 @@ import argparse
 import os
 import sys
 
-from .harness import discover, format_record, run
+from .harness import discover, format_record, markdown_report, run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,6 +21,8 @@ def main(argv: list[str] | None = None) -> int:
         "--out", default=os.path.join(os.path.dirname(__file__), "results"), help="JSON folder"
     )
     parser.add_argument("--list", action="store_true", help="list benchmarks and exit")
+    parser.add_argument("--report", metavar="PATH", default=None,
+                        help="also write a Markdown report (e.g. benchmarks/RESULTS.md)")
     args = parser.parse_args(argv)
     registry = discover()
     if args.list:
@@ -33,8 +35,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"unknown benchmark(s): {', '.join(unknown)}; available: {', '.join(sorted(registry))}",
               file=sys.stderr)
         return 2
+    records = []
     for name in names:
-        print(format_record(run(name, quick=args.quick, out_dir=args.out)), flush=True)
+        records.append(run(name, quick=args.quick, out_dir=args.out))
+        print(format_record(records[-1]), flush=True)
+    if args.report:
+        command = "python -m benchmarks " + " ".join(argv if argv is not None else sys.argv[1:])
+        with open(args.report, "w") as fh:
+            fh.write(markdown_report(records, command.strip()) + "\n")
+        print(f"wrote {args.report}")
     return 0
 
 

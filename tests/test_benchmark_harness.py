@@ -43,3 +43,12 @@ def test_target_validation():
         Target("a", "b", "<", 1.0)
     with pytest.raises(ValueError, match="metric"):
         Target("a", "b", "<=", 1.0, metric="memory")
+
+
+def test_markdown_report(tmp_path):
+    from benchmarks.__main__ import main
+
+    report = tmp_path / "RESULTS.md"
+    assert main(["_test_sleep", "--out", str(tmp_path), "--report", str(report)]) == 0
+    text = report.read_text()
+    assert "| _test_sleep | time(slow) / time(fast) >= 1.5 |" in text and "do not edit by hand" in text

@@ -1,0 +1,91 @@
+"""The pyroforge command line, run as a user would (subprocesses)."""
+
+import csv
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mcmc.diagnostics import load_inference_data
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+
+def pyroforge(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "models.cli", *args], capture_output=True,
+                          text=True, env=ENV, cwd=cwd, timeout=600)
+
+
+def test_console_script_is_installed():
+    script = os.path.join(os.path.dirname(sys.executable), "pyroforge")
+    assert os.path.exists(script), "the pyroforge console script is not installed next to python"
+    proc = subprocess.run([script, "--help"], capture_output=True, text=True, env=ENV)
+    assert proc.returncode == 0 and "compare" in proc.stdout
+
+
+def test_list_names_models_and_methods():
+    proc = pyroforge("list")
+    assert proc.returncode == 0, proc.stderr
+    for name in ("gaussian_conjugate", "logistic_regression", "eight_schools", "nuts", "svi"):
+        assert name in proc.stdout
+
+
+@pytest.mark.parametrize("method", ["nuts", "svi"])
+def test_run_writes_readable_inference_data(tmp_path, method):
+    proc = pyroforge("run", "gaussian_conjugate", "--method", method, "--num-samples", "60",
+                     "--num-steps", "300", "--device", "cpu", "--out", str(tmp_path), "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    stem = tmp_path / f"gaussian_conjugate-{method}"
+    idata = load_inference_data(f"{stem}.nc")
+    assert idata.posterior["mu"].shape[1] == 60
+    assert "observed_data" in idata.groups() if hasattr(idata, "groups") else True
+    for suffix in ("-summary.csv", "-metrics.json", ".png"):
+        assert os.path.getsize(f"{stem}{suffix}") > 0
+    assert "mean_error_sd" in proc.stdout and "energy_distance" in proc.stdout
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp")]
+
+
+def test_compare_table_and_csv(tmp_path):
+    proc = pyroforge("compare", "gaussian_conjugate", "--methods", "nuts,svi", "--num-samples", "60",
+                     "--device", "cpu", "--out", str(tmp_path), "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    rows = list(csv.DictReader(open(tmp_path / "compare-gaussian_conjugate.csv")))
+    assert [r["method"] for r in rows] == ["nuts", "svi"]
+    assert all(r["status"] == "ok" and float(r["wall_s"]) > 0 for r in rows)
+    assert float(rows[0]["ess_per_s"]) > 0  # defined for MCMC
+    assert rows[1]["ess_per_s"] == ""  # not for draws from a guide
+    # both land near the analytic posterior
+    assert all(float(r["mean_error_sd"]) < 0.5 for r in rows)
+    assert (tmp_path / "compare-gaussian_conjugate.png").stat().st_size > 0
+
+
+def test_bad_input_messages(tmp_path):
+    proc = pyroforge("run", "no_such_model", "--method", "nuts", "--out", str(tmp_path))
+    assert proc.returncode != 0 and "valid models" in proc.stderr and "eight_schools" in proc.stderr
+    proc = pyroforge("run", "gaussian_conjugate", "--method", "no_such", "--out", str(tmp_path))
+    assert proc.returncode != 0 and "valid methods" in proc.stderr and "nuts" in proc.stderr
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    proc = pyroforge("run", "gaussian_conjugate", "--method", "nuts", "--out", str(blocker / "sub"))
+    assert proc.returncode != 0 and "not writable" in proc.stderr
+    proc = pyroforge("compare", "gaussian_conjugate", "--methods", "svi", "--num-samples", "0",
+                     "--out", str(tmp_path))
+    assert proc.returncode != 0 and "--num-samples" in proc.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without CUDA")
+def test_cuda_without_cuda(tmp_path):
+    proc = pyroforge("run", "gaussian_conjugate", "--method", "nuts", "--device", "cuda",
+                     "--out", str(tmp_path))
+    assert proc.returncode != 0 and "CUDA is not available" in proc.stderr
+    assert not list(tmp_path.glob("*.nc"))
+
+
+def test_skipped_methods_give_a_reason():
+    from models.cli import compare
+
+    rows = compare("discrete_mixture", ["svi"], num_samples=10, seed=0, device="cpu",
+                   progress=False, out=None)
+    assert rows[0]["status"] == "skipped" and "discrete" in rows[0]["note"]
