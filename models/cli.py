@@ -192,9 +192,7 @@ def _fit(spec: ModelSpec, method_name: str, config: FitConfig) -> FitResult:
 def cmd_list(args) -> int:
     print("models:")
     for name in registry.names():
-        spec = registry.get(name)
-        ref = spec.reference.kind if spec.reference is not None else "none"
-        print(f"  {name:<32} reference={ref:<9} {spec.description}")
+        print(f"  {name:<32} {registry.description(name)}")
     print("methods:")
     for name in method_names():
         print(f"  {name:<32} {get_method(name).description}")
@@ -236,7 +234,7 @@ COMPARE_COLUMNS = ["method", "status", "wall_s", "ess_per_s", "mean_error_sd", "
 
 
 def compare(model: str, method_list: list[str], *, num_samples: int, seed: int, device,
-            progress: bool, out: str | None) -> list[dict]:
+            progress: bool, out: str | None, num_steps: int | None = None) -> list[dict]:
     """Run every method on ``model``; methods that don't apply are skipped with the reason."""
     spec = registry.get(model, device=device)
     rows = []
@@ -247,7 +245,9 @@ def compare(model: str, method_list: list[str], *, num_samples: int, seed: int, 
             rows.append({"method": name, "status": "skipped", "note": reason})
             continue
         try:
-            result = method.fit(spec, FitConfig(num_samples=num_samples, seed=seed, progress=progress))
+            config = FitConfig(num_samples=num_samples, seed=seed, progress=progress,
+                               num_steps=num_steps)
+            result = method.fit(spec, config)
             idata = _inference_data(spec, result) if result.ess_defined else None
             rows.append({"status": "ok", **evaluate(spec, result, idata), "method": name})
         except Exception as exc:  # noqa: BLE001 - one failing method must not hide the others
@@ -309,7 +309,7 @@ def cmd_compare(args) -> int:
     for name in names:
         get_method(name)  # unknown names fail before any work
     rows = compare(args.model, names, num_samples=args.num_samples, seed=args.seed, device=device,
-                   progress=not args.no_progress, out=out)
+                   progress=not args.no_progress, out=out, num_steps=args.num_steps)
     print(format_table(rows))
     print(f"\nwrote {os.path.join(out, f'compare-{args.model}')}.csv and .png")
     return 1 if any(r["status"] == "failed" for r in rows) else 0

@@ -31,6 +31,13 @@ def names() -> list[str]:
     return sorted(_BUILDERS)
 
 
+def description(name: str) -> str:
+    """First line of the model builder's docstring (cheap: builds nothing)."""
+    _load_zoo()
+    doc = (_BUILDERS[name].__doc__ or "").strip()
+    return doc.splitlines()[0] if doc else ""
+
+
 def get(
     name: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, **options
 ) -> ModelSpec:

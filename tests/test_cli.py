@@ -49,7 +49,7 @@ def test_run_writes_readable_inference_data(tmp_path, method):
 
 def test_compare_table_and_csv(tmp_path):
     proc = pyroforge("compare", "gaussian_conjugate", "--methods", "nuts,svi", "--num-samples", "60",
-                     "--device", "cpu", "--out", str(tmp_path), "--no-progress")
+                     "--num-steps", "500", "--device", "cpu", "--out", str(tmp_path), "--no-progress")
     assert proc.returncode == 0, proc.stderr
     rows = list(csv.DictReader(open(tmp_path / "compare-gaussian_conjugate.csv")))
     assert [r["method"] for r in rows] == ["nuts", "svi"]

@@ -42,11 +42,10 @@ def _fit_nuts(spec: ModelSpec, config: FitConfig) -> FitResult:
     wall = time.perf_counter() - start
     samples = mcmc.get_samples(group_by_chain=True)
     keep = [k for k in latent_names(spec) if k in samples]
-    extra = mcmc.get_extra_fields(group_by_chain=True)
-    stats = {k: v.detach().cpu() for k, v in extra.items() if k in ("diverging",)}
+    divergences = sum(len(v) for v in mcmc.diagnostics().get("divergences", {}).values())
     return FitResult("nuts", spec.name, {k: samples[k].detach().cpu() for k in keep}, wall,
-                     ess_defined=True, sample_stats=stats,
-                     info={"warmup_steps": warmup, "num_chains": 1})
+                     ess_defined=True,
+                     info={"warmup_steps": warmup, "num_chains": 1, "divergences": divergences})
 
 
 def _svi_applies(spec: ModelSpec) -> str | None:
@@ -59,10 +58,11 @@ def _fit_svi(spec: ModelSpec, config: FitConfig) -> FitResult:
     pyro.set_rng_seed(config.seed)
     pyro.clear_param_store()
     guide = spec.make_guide()
-    lr = config.options.get("lr", 0.02)
-    optim = pyro.optim.ClippedAdam({"lr": lr, "lrd": 0.1 ** (1 / 2000)})
-    svi = SVI(spec.model, guide, optim, loss=Trace_ELBO())
+    lr = config.options.get("lr", 0.05)
     num_steps = config.num_steps or 2000
+    # decay the learning rate tenfold over the run: fast progress first, small noise at the end
+    optim = pyro.optim.ClippedAdam({"lr": lr, "lrd": 0.1 ** (1 / num_steps)})
+    svi = SVI(spec.model, guide, optim, loss=Trace_ELBO())
     start = time.perf_counter()
     losses = []
     for _ in tqdm(range(num_steps), desc=f"svi {spec.name}", disable=not config.progress):
