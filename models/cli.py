@@ -205,7 +205,7 @@ def cmd_run(args) -> int:
     spec = registry.get(args.model, device=device)
     get_method(args.method)  # unknown names fail before any work
     config = FitConfig(num_samples=args.num_samples, seed=args.seed, progress=not args.no_progress,
-                       num_steps=args.num_steps)
+                       num_steps=args.num_steps, options=args.options)
     result = _fit(spec, args.method, config)
     idata = _inference_data(spec, result)
     stem = os.path.join(out, f"{spec.name}-{result.method}")
@@ -234,7 +234,8 @@ COMPARE_COLUMNS = ["method", "status", "wall_s", "ess_per_s", "mean_error_sd", "
 
 
 def compare(model: str, method_list: list[str], *, num_samples: int, seed: int, device,
-            progress: bool, out: str | None, num_steps: int | None = None) -> list[dict]:
+            progress: bool, out: str | None, num_steps: int | None = None,
+            options: dict | None = None) -> list[dict]:
     """Run every method on ``model``; methods that don't apply are skipped with the reason."""
     spec = registry.get(model, device=device)
     rows = []
@@ -246,7 +247,7 @@ def compare(model: str, method_list: list[str], *, num_samples: int, seed: int, 
             continue
         try:
             config = FitConfig(num_samples=num_samples, seed=seed, progress=progress,
-                               num_steps=num_steps)
+                               num_steps=num_steps, options=dict(options or {}))
             result = method.fit(spec, config)
             idata = _inference_data(spec, result) if result.ess_defined else None
             rows.append({"status": "ok", **evaluate(spec, result, idata), "method": name})
@@ -309,7 +310,8 @@ def cmd_compare(args) -> int:
     for name in names:
         get_method(name)  # unknown names fail before any work
     rows = compare(args.model, names, num_samples=args.num_samples, seed=args.seed, device=device,
-                   progress=not args.no_progress, out=out, num_steps=args.num_steps)
+                   progress=not args.no_progress, out=out, num_steps=args.num_steps,
+                   options=args.options)
     print(format_table(rows))
     print(f"\nwrote {os.path.join(out, f'compare-{args.model}')}.csv and .png")
     return 1 if any(r["status"] == "failed" for r in rows) else 0
@@ -327,6 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--out", default="pyroforge-out", help="output folder")
         p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+        p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                       help="method option, e.g. estimator=reinforce, lr=0.01, step_size=1e-4 "
+                            "(repeatable)")
 
     run = sub.add_parser("run", help="fit MODEL with METHOD and write InferenceData + plots")
     run.add_argument("model")
@@ -339,8 +344,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_options(pairs: list[str]) -> dict:
+    """``["lr=0.01", "estimator=mvd"]`` -> ``{"lr": 0.01, "estimator": "mvd"}`` (numbers parsed)."""
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"pyroforge: error: --option expects KEY=VALUE, got {pair!r}")
+        for cast in (int, float):
+            try:
+                options[key] = cast(value)
+                break
+            except ValueError:
+                continue
+        else:
+            options[key] = value
+    return options
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if hasattr(args, "option"):
+        args.options = parse_options(args.option)
     if getattr(args, "num_samples", 1) < 1:
         raise SystemExit("pyroforge: error: --num-samples must be >= 1")
     try:

@@ -54,27 +54,36 @@ def _svi_applies(spec: ModelSpec) -> str | None:
     return None
 
 
-def _fit_svi(spec: ModelSpec, config: FitConfig) -> FitResult:
+def run_svi(spec: ModelSpec, config: FitConfig, loss, name: str, *, default_steps: int = 1000,
+            lr: float = 0.05) -> FitResult:
+    """Fit ``spec.make_guide()`` with ``pyro.infer.SVI(loss=loss)``, then draw from the guide.
+
+    Shared by every VI method: ClippedAdam with learning rate ``lr``, decayed tenfold over the run, ``num_steps`` (default ``default_steps``) full-data steps, and
+    ``config.num_samples`` guide draws of the reported sites.
+    """
     pyro.set_rng_seed(config.seed)
     pyro.clear_param_store()
     guide = spec.make_guide()
-    lr = config.options.get("lr", 0.05)
-    num_steps = config.num_steps or 2000
+    num_steps = config.num_steps or default_steps
     # decay the learning rate tenfold over the run: fast progress first, small noise at the end
     optim = pyro.optim.ClippedAdam({"lr": lr, "lrd": 0.1 ** (1 / num_steps)})
-    svi = SVI(spec.model, guide, optim, loss=Trace_ELBO())
+    svi = SVI(spec.model, guide, optim, loss=loss)
     start = time.perf_counter()
     losses = []
-    for _ in tqdm(range(num_steps), desc=f"svi {spec.name}", disable=not config.progress):
+    for _ in tqdm(range(num_steps), desc=f"{name} {spec.name}", disable=not config.progress):
         losses.append(svi.step(*spec.args, **spec.kwargs))
     keep = latent_names(spec)
     with torch.no_grad():
         draws = Predictive(guide, num_samples=config.num_samples, return_sites=keep,
                            parallel=True)(*spec.args, **spec.kwargs)
     wall = time.perf_counter() - start
-    return FitResult("svi", spec.name, {k: draws[k][None].detach().cpu() for k in keep}, wall,
+    return FitResult(name, spec.name, {k: draws[k][None].detach().cpu() for k in keep}, wall,
                      info={"final_loss": sum(losses[-50:]) / len(losses[-50:]),
                            "num_steps": num_steps, "guide": type(guide).__name__})
+
+
+def _fit_svi(spec: ModelSpec, config: FitConfig) -> FitResult:
+    return run_svi(spec, config, Trace_ELBO(), "svi", lr=float(config.options.get("lr", 0.05)))
 
 
 register_method(Method("nuts", _fit_nuts, _nuts_applies,
