@@ -18,8 +18,9 @@ Conventions every zoo model follows (tests check them):
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -93,7 +94,7 @@ class Reference:
             return {k: d.variance for k, d in self.analytic.items()}
         return {k: v.var(0) for k, v in self.draws.items()}
 
-    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "Reference":
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Reference:
         device = torch.device(device)
         return dataclasses.replace(
             self,
@@ -162,7 +163,7 @@ class ModelSpec:
         """Call the model on its data (``extra_kwargs`` override/add keywords)."""
         return self.model(*self.args, **{**self.kwargs, **extra_kwargs})
 
-    def to(self, device: str | torch.device, dtype: torch.dtype | None = None) -> "ModelSpec":
+    def to(self, device: str | torch.device, dtype: torch.dtype | None = None) -> ModelSpec:
         """A copy with every tensor moved to ``device`` (and floating tensors cast to ``dtype``)."""
         device = resolve_device(device)
         return dataclasses.replace(

@@ -1,6 +1,5 @@
 """Every tutorial notebook executes top to bottom (small sizes via PYROFORGE_TUTORIAL_SMALL=1)."""
 
-import os
 import pathlib
 
 import pytest

@@ -5,8 +5,8 @@ from __future__ import annotations
 import time
 
 import pyro
-import pyro.poutine as poutine
 import torch
+from pyro import poutine
 from pyro.infer import MCMC, NUTS, SVI, Predictive, Trace_ELBO, config_enumerate
 from tqdm.auto import tqdm
 
