@@ -121,3 +121,57 @@ def _federated_method(name: str, method: str, description: str) -> None:
 
 _federated_method("fsgld", "fsgld", "Federated SGLD with conducive gradients (shards, tau=10)")
 _federated_method("dsgld", "dsgld", "Distributed SGLD (shards visited in turn, tau=10)")
+
+
+# --------------------------------------------------------------------- proximal (nonsmooth) samplers
+PENALTIES = {"l1": "L1"}
+
+
+def _nonsmooth_terms(spec: ModelSpec) -> dict:
+    import mcmc.prox as prox
+
+    terms = {}
+    for site, info in spec.nonsmooth.items():
+        cls = getattr(prox, PENALTIES[info["penalty"]])
+        terms[site] = cls(info["weight"])
+    return terms
+
+
+def _proximal_applies(spec: ModelSpec) -> str | None:
+    if not spec.nonsmooth:
+        return "proximal samplers need a model with a marked nonsmooth term (spec.nonsmooth)"
+    unknown = [s for s, info in spec.nonsmooth.items() if info.get("penalty") not in PENALTIES]
+    if unknown:
+        return f"no prox registered for the penalties of {unknown}"
+    return _continuous_latents_only(spec)
+
+
+def _proximal_method(name: str, method: str, description: str) -> None:
+    def fit(spec: ModelSpec, config: FitConfig) -> FitResult:
+        from mcmc.bregman import BregmanProximalLangevin
+        from mcmc.mirror import Hypentropy
+
+        pyro.set_rng_seed(config.seed)
+        start = time.perf_counter()
+        pot, mode, step = mode_and_step(spec, config)
+        mirror = Hypentropy(float(config.options.get("beta", 0.1))) if method == "bmumla" else None
+        kernel = BregmanProximalLangevin(spec.model, _nonsmooth_terms(spec), mirror,
+                                         step_size=step, method=method,
+                                         max_plate_nesting=spec.max_plate_nesting)
+        num_chains = int(config.options.get("num_chains", 8))
+        warmup = config.num_warmup if config.num_warmup is not None else config.num_samples
+        draws = kernel.run_chains(*spec.args, num_chains=num_chains,
+                                  num_samples=config.num_samples, warmup_steps=warmup,
+                                  initial_params=pot.unpack(mode), progress=config.progress,
+                                  **spec.kwargs)
+        wall = time.perf_counter() - start
+        keep = [k for k in latent_names(spec) if k in draws]
+        return FitResult(name, spec.name, {k: draws[k].detach().cpu() for k in keep}, wall,
+                         ess_defined=True, info={"step_size": step, "num_chains": num_chains})
+
+    register_method(Method(name, fit, _proximal_applies, description, family="mcmc"))
+
+
+_proximal_method("myula", "myula", "MYULA (Moreau-Yosida unadjusted Langevin; Euclidean prox)")
+_proximal_method("bmumla", "bmumla",
+                 "Bregman-Moreau unadjusted mirror Langevin (hypentropy, left envelope)")
