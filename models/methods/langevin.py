@@ -63,7 +63,7 @@ def _sgld_method(name: str, kernel_cls, description: str) -> None:
     def fit(spec: ModelSpec, config: FitConfig) -> FitResult:
         pyro.set_rng_seed(config.seed)
         start = time.perf_counter()
-        pot, mode, step = mode_and_step(spec, config)
+        _, mode, step = mode_and_step(spec, config)
         num_chains = int(config.options.get("num_chains", 4))
         kwargs = {"anchor": mode} if kernel_cls is CVSGLD else {}
         kernel = kernel_cls(spec.model, step, subsample_size=_subsample(spec, config),
@@ -106,7 +106,7 @@ def _federated_method(name: str, method: str, description: str) -> None:
                                 max_plate_nesting=spec.max_plate_nesting, seed=config.seed,
                                 shard_sizes=spec.options.get("shard_sizes"))
         rounds = -(-config.num_samples // tau)
-        warm, packet = sampler.run(max(rounds // 2, 1), num_chains,
+        _, packet = sampler.run(max(rounds // 2, 1), num_chains,
                                    initial_params=mode.expand(num_chains, -1))
         z, _ = sampler.run(rounds, num_chains, packet=packet, progress=config.progress)
         draws = sampler.constrain(z[:, : config.num_samples])
@@ -128,7 +128,7 @@ PENALTIES = {"l1": "L1"}
 
 
 def _nonsmooth_terms(spec: ModelSpec) -> dict:
-    import mcmc.prox as prox
+    from mcmc import prox
 
     terms = {}
     for site, info in spec.nonsmooth.items():
