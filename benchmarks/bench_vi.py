@@ -4,7 +4,6 @@ side by side with Pyro and a hand-written torch loss."""
 from __future__ import annotations
 
 import pyro
-import pyro.distributions as dist
 import torch
 
 import models
@@ -111,7 +110,7 @@ def iwelbo_mixture(quick: bool):
 
     def grads(loss):
         def step():
-            pyro.get_param_store()  # params persist; clear grads like an optimiser would
+            # params persist across calls: clear their grads like an optimiser would
             for p in pyro.get_param_store().values():
                 p.unconstrained().grad = None
             return loss.loss_and_grads(spec.model, guide, *spec.args, **spec.kwargs)
@@ -134,4 +133,4 @@ def iwelbo_mixture(quick: bool):
     return impls
 
 
-__all__ = ["dist", "elbo_vae_step", "iwelbo_mixture"]
+__all__ = ["elbo_vae_step", "iwelbo_mixture"]

@@ -134,9 +134,20 @@ def _dreg_setup(R, D=3, N=5, seed=0):
     return guide, log_joint
 
 
+@pytest.fixture
+def replicates_plate():
+    """Register "replicates" as a particle plate for one test only (the registry is global)."""
+    from vi_estimators.path import PARTICLE_PLATES
+
+    added = "replicates" not in PARTICLE_PLATES
+    register_particle_plate("replicates")
+    yield
+    if added:
+        PARTICLE_PLATES.discard("replicates")
+
+
 def _iwae_grads(K, dreg, R=400):
     """(R, 2D) per-replicate gradients of the IWAE bound w.r.t. (loc, log-scale)."""
-    register_particle_plate("replicates")
     pyro.clear_param_store()
     guide, log_joint = _dreg_setup(R)
     with pyro.plate("replicates", R, dim=-2), pyro.plate(PARTICLES, K, dim=-1):
@@ -156,7 +167,7 @@ def _iwae_grads(K, dreg, R=400):
 
 
 @pytest.mark.slow
-def test_dreg_unbiased_and_snr_grows_with_k():
+def test_dreg_unbiased_and_snr_grows_with_k(replicates_plate):
     snr = {}
     for K in [4, 32, 256]:
         g_iwae, g_dreg = _iwae_grads(K, dreg=False), _iwae_grads(K, dreg=True)
@@ -326,8 +337,13 @@ def test_unstoppable_guide_raises():
                                                        .to_event(1), [flow]))
 
     tr = pyro.poutine.trace(guide).get_trace(x)
-    with pytest.raises(ValueError, match="cannot be evaluated at stopped parameters"):
-        stopped_log_prob(guide, tr, x)
+    # also when first called under no_grad (e.g. SVI.evaluate_loss): the check must not be
+    # skipped and the guide then remembered as checked
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad), pytest.raises(
+            ValueError, match="cannot be evaluated at stopped parameters"
+        ):
+            stopped_log_prob(guide, tr, x)
 
 
 def test_guide_without_log_prob_raises():

@@ -216,7 +216,7 @@ def test_discrete_mixture_reinforce_mvd_enumerate_agree(subsample_size):
             se = (o.var(0) / PM + ref.var(0) / PM).sqrt().clamp_min(1e-6)
             print(f"{name}: {other} vs Enumerate max |diff|/se {(diff.abs() / se).max():.2f}; "
                   f"mean var Enumerate {ref.var(0).mean():.4g}, {other} {o.var(0).mean():.4g}")
-            assert (diff.abs() <= 4.5 * se).all(), (name, other)
+            assert (diff.abs() <= 4 * se).all(), (name, other)
     # the z gradient: Enumerate < MVD < Reinforce in variance
     v = {k: r["z_probs"].reshape(PM, -1).var(0).sum() for k, r in results.items()}
     assert v["Enumerate"] < v["MVD"] < v["Reinforce"], v
@@ -556,3 +556,26 @@ def test_pyro_enumeration_config_warns_like_trace_elbo():
     for loss in (vi.ELBO(), pyro.infer.Trace_ELBO()):
         with pytest.warns(UserWarning, match="TraceEnum_ELBO"):
             loss.loss(model, guide)
+
+
+def test_baseline_shapes_and_moving_average_not_poisoned_by_nan():
+    """A learned baseline may return one value per particle in any shape ((K, 1) from a Linear)
+    or one shared value; a non-finite signal does not poison a moving average's later values."""
+    from vi_estimators.baselines import BaselineInfo
+
+    info = BaselineInfo(num_particles=4)
+    per_particle = vi.Learned(torch.nn.Linear(1, 1), inputs=lambda a, k: (torch.ones(4, 1),))
+    assert per_particle("z", torch.zeros(4), info).shape == (4,)
+    shared = vi.Learned(torch.nn.Linear(1, 1), inputs=lambda a, k: (torch.ones(1),))
+    assert shared("v", torch.zeros(4), info).shape == (4,)
+    # default names are per site: two modules never share (and fight over) param-store entries
+    store = pyro.get_param_store()
+    assert store["learned_baseline[z]$$$bias"] is per_particle.module.bias
+    assert store["learned_baseline[v]$$$bias"] is shared.module.bias
+    bad = vi.Learned(torch.nn.Linear(1, 3), inputs=lambda a, k: (torch.ones(1),))
+    with pytest.raises(ValueError, match="Learned baseline at site 'z'.*shape"):
+        bad("z", torch.zeros(4), info)
+    ma = vi.MovingAverage(0.5)
+    ma("z", torch.full((4,), 2.0), info)
+    ma("z", torch.tensor([1.0, float("nan"), 1.0, 1.0]), info)
+    assert ma("z", torch.zeros(4), info).tolist() == [2.0] * 4

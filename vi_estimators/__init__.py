@@ -71,6 +71,7 @@ from .control_variates import (
     apply_control_variate,
     optimal_coefficient,
     taylor_control_variate,
+    taylor_cv_term,
 )
 from .path import (
     FlowPathGradient,
@@ -95,4 +96,5 @@ __all__ += [
     "sliced_wasserstein",
     "stopped_log_prob",
     "taylor_control_variate",
+    "taylor_cv_term",
 ]

@@ -35,7 +35,20 @@ __all__ = [
     "Learned",
     "MovingAverage",
     "as_baseline",
+    "loo_mean",
 ]
+
+
+def loo_mean(x: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """Leave-one-out means along ``dim``: entry k is the mean of the other ``K - 1`` entries.
+
+    The one helper behind every leave-one-out quantity of the package (RLOO baselines, RSVI's
+    g_cor baseline, leave-one-out control-variate coefficients): entry k never depends on x_k,
+    which is what keeps those corrections zero-mean. Needs ``K >= 2`` (callers check, to name
+    their own argument in the error).
+    """
+    k = x.size(dim)
+    return (x.sum(dim, keepdim=True) - x) / (k - 1)
 
 
 @dataclass
@@ -83,7 +96,12 @@ class MovingAverage(Baseline):
         prev = self.state.get(site)
         b = torch.zeros_like(signal) if prev is None else prev.expand_as(signal)
         new = signal.detach().mean()
-        self.state[site] = new if prev is None else self.decay * prev + (1 - self.decay) * new
+        if prev is not None:
+            # a non-finite signal (reported by the objective's check) must not poison the
+            # average for every later step: keep the previous value then (no host sync)
+            new = torch.where(torch.isfinite(new), self.decay * prev + (1 - self.decay) * new,
+                              prev)
+        self.state[site] = new
         return b
 
     def __repr__(self) -> str:
@@ -108,7 +126,7 @@ class RLOO(Baseline):
                 "logmeanexp over particles, so per-particle signals are unknown; return the "
                 "per-particle estimates (shape (K,)) or use MovingAverage()"
             )
-        return (signal.sum(0, keepdim=True) - signal) / (k - 1)
+        return loo_mean(signal, 0)
 
     def __repr__(self) -> str:
         return "RLOO()"
@@ -120,12 +138,14 @@ class Learned(Baseline):
     ``inputs(args, kwargs)`` maps the guide's arguments to the module's inputs (default: the
     guide's positional arguments). The module's parameters are registered with
     ``pyro.module(name, module)`` so SVI optimises them; they are trained on the squared residual.
+    ``name`` defaults to ``"learned_baseline[<site>]"``: two learned baselines registered under
+    one name would share the param-store entries and one module would silently never train.
     """
 
     trainable = True
 
     def __init__(self, module: torch.nn.Module, inputs: Callable[..., tuple] | None = None,
-                 name: str = "learned_baseline"):
+                 name: str | None = None):
         if not isinstance(module, torch.nn.Module):
             raise TypeError(f"Learned: module must be a torch.nn.Module, got {type(module)}")
         self.module = module
@@ -135,11 +155,20 @@ class Learned(Baseline):
     def __call__(self, site, signal, info):
         import pyro
 
-        pyro.module(self.name, self.module)
+        pyro.module(self.name if self.name is not None else f"learned_baseline[{site}]",
+                    self.module)
         x = self.inputs(info.args, info.kwargs) if self.inputs is not None else info.args
         b = self.module(*x)
-        b = b.reshape(b.shape[-1:]) if b.dim() and b.numel() == signal.numel() else b.squeeze()
-        return b.expand_as(signal) if b.dim() == 0 else b
+        # one value per particle (any shape holding K numbers, e.g. a Linear's (K, 1)) or one
+        # value shared by all particles
+        if b.numel() == signal.numel():
+            return b.reshape(signal.shape)
+        if b.numel() == 1:
+            return b.reshape(()).expand_as(signal)
+        raise ValueError(
+            f"Learned baseline at site {site!r}: the module returned shape {tuple(b.shape)}; "
+            f"expected one value or one per particle ({signal.numel()})"
+        )
 
     def __repr__(self) -> str:
         return f"Learned({type(self.module).__name__})"

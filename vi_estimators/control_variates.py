@@ -47,6 +47,8 @@ from collections.abc import Callable
 
 import torch
 
+from .baselines import loo_mean
+
 __all__ = [
     "DiagQuadraticCV",
     "PreviousStepCoefficient",
@@ -78,18 +80,19 @@ def optimal_coefficient(
             f"got {k}"
         )
     g, h = torch.broadcast_tensors(g.detach(), h.detach())
-    n = k - 1
-    sg, sh = g.sum(dim, keepdim=True), h.sum(dim, keepdim=True)
-    sgh, shh = (g * h).sum(dim, keepdim=True), (h * h).sum(dim, keepdim=True)
-    mg, mh = (sg - g) / n, (sh - h) / n
-    cov = (sgh - g * h) / n - mg * mh
-    var = (shh - h * h) / n - mh * mh
+    mg, mh = loo_mean(g, dim), loo_mean(h, dim)
+    cov = loo_mean(g * h, dim) - mg * mh
+    var = loo_mean(h * h, dim) - mh * mh
     if joint:
         dims = [i for i in range(g.dim()) if i != (dim % g.dim())]
         cov = cov.sum(dims, keepdim=True) if dims else cov
         var = var.sum(dims, keepdim=True) if dims else var
-    tiny = torch.finfo(var.dtype).tiny
-    return cov / var.clamp_min(tiny)
+    return _ratio(cov, var)
+
+
+def _ratio(cov: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+    """``cov / var`` guarded against a zero variance (a constant CV gets coefficient 0)."""
+    return cov / var.clamp_min(torch.finfo(var.dtype).tiny)
 
 
 class PreviousStepCoefficient:
@@ -113,7 +116,7 @@ class PreviousStepCoefficient:
         cov, var = mgh - mg * mh, mhh - mh * mh
         if self.joint:
             cov, var = cov.sum(), var.sum()
-        return cov / var.clamp_min(torch.finfo(var.dtype).tiny)
+        return _ratio(cov, var)
 
     def update(self, g: torch.Tensor, h: torch.Tensor, dim: int | None = 0) -> None:
         g, h = torch.broadcast_tensors(g.detach(), h.detach())
@@ -197,10 +200,11 @@ def _grad_and_hessian(log_p, mu):
     return g.detach(), torch.stack(rows).detach()
 
 
-def _grad_and_hvp(log_p, mu, vs):
-    """``grad log_p(mu)`` and ``H(mu) v`` for each row ``v`` of ``vs``."""
+def _taylor_terms(log_p, mu: torch.Tensor, sigma: torch.Tensor, eps: torch.Tensor):
+    """``(grad f(mu), H(mu) (sigma * eps_k) for each row k of eps (K, d), diag H(mu))``: the
+    pieces of the first-order Taylor CV, shared by the value-level and surrogate-level forms."""
     g0, hess = _grad_and_hessian(log_p, mu)
-    return g0, vs @ hess.T
+    return g0, (sigma * eps) @ hess.T, torch.diagonal(hess)
 
 
 def taylor_control_variate(
@@ -228,10 +232,7 @@ def taylor_control_variate(
         choice; ``"loo"`` re-estimates it).
     """
     mu, sigma = loc.detach(), scale.detach()
-    d = mu.numel()
-    basis = torch.eye(d, dtype=mu.dtype, device=mu.device)
-    g0, hv = _grad_and_hvp(log_p, mu, torch.cat([sigma * eps, basis]))
-    hv_eps, diag_h = hv[: eps.size(0)], torch.diagonal(hv[eps.size(0):])
+    g0, hv_eps, diag_h = _taylor_terms(log_p, mu, sigma, eps)
     h_loc = g0 + hv_eps
     return (h_loc.detach(), (h_loc * eps).detach()), (g0.detach(), (diag_h * sigma).detach())
 
@@ -255,15 +256,17 @@ class DiagQuadraticCV:
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"decay must be in [0, 1), got {decay}")
         self.decay = decay
-        self._m: list[torch.Tensor] | None = None  # E[g], E[delta], E[g delta], E[delta^2]
+        # the per-coordinate regression slope of g on delta is exactly the previous-step optimal
+        # CV coefficient Cov(g, delta) / Var(delta): one EMA of moments serves both
+        self._fit = PreviousStepCoefficient(decay)
 
     @property
     def coefficients(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The current ``(b, a)`` or ``None`` before the first update."""
-        if self._m is None:
+        if self._fit._moments is None:
             return None
-        mg, md, mgd, mdd = self._m
-        a = (mgd - mg * md) / (mdd - md * md).clamp_min(torch.finfo(mdd.dtype).tiny)
+        mg, md = self._fit._moments[:2]
+        a = self._fit.coefficient(mg)
         b = mg - a * md
         return b, a
 
@@ -282,13 +285,7 @@ class DiagQuadraticCV:
 
     def update(self, g_loc: torch.Tensor, scale: torch.Tensor, eps: torch.Tensor) -> None:
         """Fold this step's per-particle location gradients ``(K, d)`` into the fit."""
-        delta = (scale.detach() * eps).detach()
-        g = g_loc.detach()
-        new = [g.mean(0), delta.mean(0), (g * delta).mean(0), (delta * delta).mean(0)]
-        if self._m is None:
-            self._m = new
-        else:
-            self._m = [self.decay * o + (1 - self.decay) * n for o, n in zip(self._m, new)]
+        self._fit.update(g_loc, scale.detach() * eps, dim=0)
 
 
 def taylor_cv_term(
@@ -314,12 +311,8 @@ def taylor_cv_term(
     """
     mu, sigma = loc.detach(), scale.detach()
     eps = ((z - loc) / scale).detach()
-    d = mu.numel()
-    basis = torch.eye(d, dtype=mu.dtype, device=mu.device)
-    flat_eps = eps.reshape(-1, d)
-    g0, hv = _grad_and_hvp(log_p, mu, torch.cat([sigma * flat_eps, basis]))
-    hv_eps = hv[: flat_eps.size(0)].reshape(eps.shape)
-    diag_h = torch.diagonal(hv[flat_eps.size(0):])
+    g0, hv_eps, diag_h = _taylor_terms(log_p, mu, sigma, eps.reshape(-1, mu.numel()))
+    hv_eps = hv_eps.reshape(eps.shape)
     h = ((g0 + hv_eps).detach() * z).sum(-1)
     h_mean = (g0.detach() * loc).sum() + 0.5 * (diag_h.detach() * scale**2).sum()
     term = coefficient * (h - h_mean)

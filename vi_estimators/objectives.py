@@ -22,7 +22,6 @@ draws, then chained through the attached draws, so hierarchical guides are not d
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import pyro
@@ -34,6 +33,7 @@ from .estimators import NoGrad, Reinforce
 from .program import (
     Objective,
     _density,
+    _logmeanexp,
     current_run,
     density,
     logmeanexp,
@@ -140,6 +140,21 @@ class _ImportanceWeighted(Objective):
             log_p = density(model, trace, *args, **kwargs)
         return trace, log_p, log_q
 
+    def _dreg(self, model, guide, args, kwargs, what: str, path_coef: Callable):
+        """Doubly reparameterised surrogate: value the IWELBO estimate; model-parameter gradient
+        ``sum_k w~_k grad_theta log p(x, z_k)``; guide gradient ``sum_k path_coef(w~)_k
+        d log w_k / dz_k dz_k / dphi`` (partials at stopped guide parameters)."""
+        with particles():
+            trace, _ = sim(guide, *args, **kwargs)  # only the draws: log w is re-evaluated
+        _check_all_reparam(trace, f"{what}(path_gradient=True)")
+        log_p, log_w, pairs = _leaf_log_weights(model, guide, trace, args, kwargs)
+        estimate = logmeanexp(log_w).detach()
+        if not torch.is_grad_enabled():
+            return estimate
+        w = torch.softmax(log_w.detach(), 0)
+        theta = (w * log_p).sum()
+        return estimate + (theta - theta.detach()) + _path_term(log_w, path_coef(w), pairs)
+
 
 class IWELBO(_ImportanceWeighted):
     """Importance-weighted bound (IWAE, Burda et al. 2016): ``E[log mean_k w_k]``.
@@ -159,17 +174,10 @@ class IWELBO(_ImportanceWeighted):
         self.path_gradient = bool(path_gradient)
 
     def program(self, model, guide, *args, **kwargs):
-        trace, log_p, log_q = self.log_weights(model, guide, *args, **kwargs)
-        if not self.path_gradient:
-            return logmeanexp(log_p - log_q)
-        _check_all_reparam(trace, "IWELBO(path_gradient=True)")
-        log_p_leaf, log_w, pairs = _leaf_log_weights(model, guide, trace, args, kwargs)
-        estimate = logmeanexp(log_w).detach()
-        if not torch.is_grad_enabled():
-            return estimate
-        w = torch.softmax(log_w.detach(), 0)
-        theta = (w * log_p_leaf).sum()  # model-parameter part: sum_k w_k grad log p
-        return estimate + (theta - theta.detach()) + _path_term(log_w, w**2, pairs)
+        if self.path_gradient:  # DReG, Tucker et al. (2019) eq. 7
+            return self._dreg(model, guide, args, kwargs, "IWELBO", lambda w: w**2)
+        _, log_p, log_q = self.log_weights(model, guide, *args, **kwargs)
+        return logmeanexp(log_p - log_q)
 
 
 class VIMCO(IWELBO):
@@ -197,16 +205,8 @@ class RWS(_ImportanceWeighted):
         self.path_gradient = bool(path_gradient)
 
     def program(self, model, guide, *args, **kwargs):
-        if self.path_gradient:
-            trace, _, _ = self.log_weights(model, guide, *args, **kwargs)
-            _check_all_reparam(trace, "RWS(path_gradient=True)")
-            log_p, log_w, pairs = _leaf_log_weights(model, guide, trace, args, kwargs)
-            estimate = logmeanexp(log_w).detach()
-            if not torch.is_grad_enabled():
-                return estimate
-            w = torch.softmax(log_w.detach(), 0)
-            theta = (w * log_p).sum()
-            return estimate + (theta - theta.detach()) + _path_term(log_w, w - w**2, pairs)
+        if self.path_gradient:  # DReG wake-phi, Tucker et al. (2019) eq. 8
+            return self._dreg(model, guide, args, kwargs, "RWS", lambda w: w - w**2)
         with particles():
             with with_estimator(NoGrad(), force=True):
                 trace, log_q = sim(guide, *args, **kwargs)
@@ -281,6 +281,19 @@ def _site_total(trace: Trace, names, run, extra_dims: int) -> torch.Tensor:
     return total
 
 
+def _check_inner_reparam(trace: Trace, aux) -> None:
+    # The inner samples psi_1..M are plain pyro.sample draws (rsample where available): their
+    # gradient is pathwise only. A non-reparameterisable one would silently drop its score term.
+    for name in aux:
+        fn = trace.nodes[name]["fn"]
+        if not fn.has_rsample:
+            raise ValueError(
+                f"marginal: auxiliary site {name!r} ({type(fn).__name__}) has no rsample; the "
+                "inner importance samples need reparameterisable auxiliary sites (use "
+                "num_particles=0 with a proposal, i.e. HVI, for discrete ones)"
+            )
+
+
 def _marginal_guide(guide: Callable, keep, proposal: Callable | None, num_particles: int):
     keep = tuple(keep)
     if not keep:
@@ -331,6 +344,7 @@ def _marginal_guide(guide: Callable, keep, proposal: Callable | None, num_partic
                 with pyro.plate("marginal_particles", num_particles, dim=inner_dim):
                     if proposal is not None:
                         tr_r = pyro.poutine.trace(proposal).get_trace(z, *args, **kwargs)
+                        _check_inner_reparam(tr_r, aux)
                         psi = {n: tr_r.nodes[n]["value"] for n in aux}
                         log_r = _site_total(tr_r, aux, run, 1)
                         tr_q = pyro.poutine.trace(
@@ -342,15 +356,27 @@ def _marginal_guide(guide: Callable, keep, proposal: Callable | None, num_partic
                         tr_q = pyro.poutine.trace(
                             pyro.poutine.condition(guide, data=z)
                         ).get_trace(*args, **kwargs)
+                        _check_inner_reparam(tr_q, aux)
                         terms.append(_site_total(tr_q, keep, run, 1))
             log_terms = torch.cat([t.expand((t.shape[0],) + log_joint.shape) for t in terms], 0)
-            log_q = torch.logsumexp(log_terms, 0) - math.log(log_terms.shape[0])
+            log_q = _logmeanexp(log_terms, 0)
         finally:
             run.frames.pop()
         outer.total = outer.total + log_q
         return None
 
     return marginal_guide
+
+
+def _no_path_gradient(name: str, options: dict) -> None:
+    # stopped_log_prob re-runs the guide outside sim(), where a marginal() guide hides and
+    # redraws its auxiliary sites: log q(z) at stopped parameters is not available there
+    if options.get("path_gradient"):
+        raise ValueError(
+            f"{name}: path_gradient=True is not supported for marginalised (hierarchical) "
+            "guides; their log q(z) is an importance-sampling estimate, not a density that can "
+            "be re-evaluated at stopped parameters"
+        )
 
 
 class HVI(ELBO):
@@ -361,6 +387,7 @@ class HVI(ELBO):
     num_inner = 0
 
     def __init__(self, keep, proposal: Callable, **options):
+        _no_path_gradient(type(self).__name__, options)
         super().__init__(**options)
         self.keep, self.proposal = tuple(keep), proposal
 
@@ -374,6 +401,7 @@ class IWHVI(HVI):
     replaced by its ``num_inner``-sample importance-weighted upper bound."""
 
     def __init__(self, keep, proposal: Callable | None = None, num_inner: int = 10, **options):
+        _no_path_gradient(type(self).__name__, options)
         ELBO.__init__(self, **options)
         self.keep, self.proposal, self.num_inner = tuple(keep), proposal, num_inner
 

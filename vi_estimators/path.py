@@ -106,20 +106,25 @@ class StopParamMessenger(Messenger):
         msg["value"] = detached
 
 
-def _module_params_to_stop(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+def _module_params_to_stop(
+    module: torch.nn.Module, pyro_params: bool = False
+) -> dict[str, torch.Tensor]:
     """Detached copies of the module's plain ``nn.Parameter``s, for ``functional_call``.
 
-    ``PyroParam`` storage (``<name>_unconstrained`` of a ``PyroModule``) is skipped: it is read
-    through ``pyro.param`` (handled by :class:`StopParamMessenger`), and swapping it would fight
-    PyroModule's param-store synchronisation.
+    ``PyroParam`` storage (``<name>_unconstrained`` of a ``PyroModule``) is skipped unless
+    ``pyro_params``: inside a guide it is read through ``pyro.param`` (handled by
+    :class:`StopParamMessenger`), and swapping it would fight PyroModule's param-store
+    synchronisation.
     """
     stopped, detached = {}, {}
     for mod_name, mod in module.named_modules():
-        pyro_params = mod.__dict__.get("_pyro_params", {}) if isinstance(mod, PyroModule) else {}
+        pyro_names = mod.__dict__.get("_pyro_params", {}) \
+            if isinstance(mod, PyroModule) and not pyro_params else {}
         for p_name, p in mod._parameters.items():
             if p is None:
                 continue
-            if p_name.endswith("_unconstrained") and p_name[: -len("_unconstrained")] in pyro_params:
+            if p_name.endswith("_unconstrained") and \
+                    p_name[: -len("_unconstrained")] in pyro_names:
                 continue
             # Tied aliases (e.g. an autoguide's _prototype_tensor) get the very same tensor.
             if id(p) not in detached:
@@ -159,12 +164,14 @@ def _fresh_values(guide_trace):
     return tr
 
 
-def _with_stopped_params(guide: Callable, fn: Callable):
+def _with_stopped_params(guide: Callable, fn: Callable, pyro_params: bool = False):
     """Evaluate ``fn(guide)`` with the guide module's nn.Parameters detached (``fn`` applies
-    :class:`StopParamMessenger` for ``pyro.param`` statements itself)."""
+    :class:`StopParamMessenger` for ``pyro.param`` statements itself; ``pyro_params=True``
+    detaches PyroParam storage too, for code that does not read it through ``pyro.param``)."""
     if isinstance(guide, torch.nn.Module):
         runner = _StoppedRunner(guide)
-        stopped = {f"guide.{k}": v for k, v in _module_params_to_stop(guide).items()}
+        stopped = {f"guide.{k}": v
+                   for k, v in _module_params_to_stop(guide, pyro_params).items()}
         with warnings.catch_warnings():
             # pyro.module warns about the (detached) parameters not requiring grad.
             warnings.filterwarnings("ignore", message=".*was not registered in the param store")
@@ -292,7 +299,8 @@ def _check_stoppable(guide, guide_trace, args, kwargs) -> None:
             return
     except TypeError:  # not weak-referenceable: check every time
         pass
-    leaks = _leaked_params(guide, guide_trace, args, kwargs)
+    with torch.enable_grad():  # under no_grad (e.g. a first .loss() call) nothing would leak
+        leaks = _leaked_params(guide, guide_trace, args, kwargs)
     if leaks:
         site, param = leaks[0]
         raise ValueError(
@@ -535,17 +543,7 @@ def _transform_modules(transforms) -> torch.nn.ModuleList:
 def _stopped_flow_call(d, fn):
     """Evaluate ``fn()`` with the parameters of every transform module of ``d`` detached."""
     mods = _transform_modules(_flatten_transforms(d.transforms))
-    stopped = {k: v.detach() for k, v in mods.named_parameters()}
-
-    class _Run(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.mods = mods
-
-        def forward(self):
-            return fn()
-
-    return torch.func.functional_call(_Run(), {f"mods.{k}": v for k, v in stopped.items()}, ())
+    return _with_stopped_params(mods, lambda _mods: fn(), pyro_params=True)
 
 
 def dropin_stopped_log_prob(d, x: torch.Tensor) -> torch.Tensor:
@@ -767,7 +765,10 @@ def _fast_flow_site_log_prob(site) -> torch.Tensor | None:
             if not x.requires_grad:  # a constant base draw: recompute this layer from a leaf
                 x = x.detach().requires_grad_(True)
                 y = t(x)
-            s = _score_step(t, _layer_kind(t), x, y, s)
+            try:
+                s = _score_step(t, _layer_kind(t), x, y, s)
+            except NotImplementedError:  # no cached quantities for this layer: drop-in path
+                return None
         with torch.no_grad():
             lp = fn.log_prob(value)
     event_dims = tuple(range(-len(fn.event_shape), 0))

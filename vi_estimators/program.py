@@ -371,11 +371,7 @@ def sim(guide: Callable, *args, **kwargs) -> tuple[Trace, torch.Tensor]:
     if run.validate:
         # like Trace_ELBO: Pyro-style enumeration configs are ignored (use Enumerate()) -> warn
         check_if_enumerated(trace)
-    total = frame.total
-    if not isinstance(total, torch.Tensor):
-        total = torch.zeros(()) if not args or not isinstance(args[0], torch.Tensor) else \
-            args[0].new_zeros(())
-    return trace, total
+    return trace, _as_total(frame.total, trace, args)
 
 
 def density(model: Callable, trace: Trace, *args, **kwargs) -> torch.Tensor:
@@ -411,10 +407,18 @@ def _density(model, trace, args, kwargs, record=False):
                 f"guide sample site {name!r} does not appear in the model; mark it "
                 "infer={'is_auxiliary': True} if it is an auxiliary variable"
             )
-    total = frame.total
-    if not isinstance(total, torch.Tensor):
-        total = torch.zeros(())
-    return total, frame.trace
+    return _as_total(frame.total, trace, args), frame.trace
+
+
+def _as_total(total, trace: Trace, args) -> torch.Tensor:
+    """A frame's log-density total as a tensor: a program without sites contributes a zero on
+    the device/dtype of the traced values (else of the first tensor argument, else torch's
+    default) -- never a CPU float32 constant next to CUDA/float64 tensors."""
+    if isinstance(total, torch.Tensor):
+        return total
+    like = [s.get("value") for s in trace.nodes.values()] + list(args)
+    like = [t for t in like if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    return like[0].new_zeros(()) if like else torch.zeros(())
 
 
 @contextmanager
@@ -449,6 +453,11 @@ def particles(num_particles: int | None = None):
             run.in_particles = False
 
 
+def _logmeanexp(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """The bare ``log(mean(exp(x), dim))`` (no bookkeeping; for the package's internal uses)."""
+    return torch.logsumexp(x, dim) - math.log(x.size(dim))
+
+
 def logmeanexp(x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     """``log(mean(exp(x), dim))``, computed stably.
 
@@ -461,7 +470,7 @@ def logmeanexp(x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     if dim is None or (run is not None and dim == run.particle_dim and x.dim() < -dim):
         dim = 0
     n = x.size(dim)
-    out = torch.logsumexp(x, dim) - math.log(n)
+    out = _logmeanexp(x, dim)
     if run is not None:
         if run.num_alts:
             raise ValueError(
@@ -500,7 +509,7 @@ def _vimco_loo(x: torch.Tensor) -> torch.Tensor:
     m = (x.sum() - x) / (k - 1)
     mat = x.expand(k, k).clone()
     mat.diagonal().copy_(m)
-    return torch.logsumexp(mat, -1) - math.log(k)
+    return _logmeanexp(mat, -1)
 
 
 # ---------------------------------------------------------------------------------------------

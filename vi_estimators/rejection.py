@@ -36,6 +36,9 @@ import math
 import torch
 from torch.distributions import Beta, Dirichlet, Gamma
 
+from .baselines import as_baseline, loo_mean
+from .estimators import Estimator, SiteDraw, _base_and_reinterpreted
+
 __all__ = [
     "RSVI",
     "RSVI_SUPPORTED",
@@ -176,19 +179,11 @@ def rsvi_sample(
 
     Raises ``ValueError`` listing the supported families for anything else.
     """
-    base, reinterpreted = fn, 0
-    while True:
-        if isinstance(base, torch.distributions.Independent):
-            reinterpreted += base.reinterpreted_batch_ndims
-            base = base.base_dist
-        elif type(base).__name__ in ("MaskedDistribution",) and hasattr(base, "base_dist"):
-            base = base.base_dist
-        elif type(base).__name__ == "ExpandedDistribution" and hasattr(base, "base_dist"):
-            # expand the parameters instead (the draw must have the expanded shape)
-            inner = base.base_dist
-            base = inner.expand(base.batch_shape)
-        else:
-            break
+    base, reinterpreted = _base_and_reinterpreted(fn)
+    # the draw must have the full (expanded) shape of the site: expand the family's parameters
+    shape = fn.batch_shape + fn.event_shape
+    if isinstance(base, (Dirichlet, Beta, Gamma)):
+        base = base.expand(shape[:-1] if isinstance(base, Dirichlet) else shape)
     if isinstance(base, Dirichlet):
         value, log_pi = rsvi_dirichlet(base.concentration, boost, sample_shape)
     elif isinstance(base, Beta):
@@ -226,16 +221,13 @@ def rsvi_surrogate(
                 f"RSVI leave-one-out baseline needs num_particles >= 2, got {k} along dim "
                 f"{particle_dim}"
             )
-        baseline = (f.sum(particle_dim, keepdim=True) - f) / (k - 1)
-        f = f - baseline
+        f = f - loo_mean(f, particle_dim)
     return cost + f * (log_pi - log_pi.detach())
 
 
 # ---------------------------------------------------------------------------------------------
 # Estimator glue for the programmable core (see vi_estimators.estimators for the protocol)
 # ---------------------------------------------------------------------------------------------
-
-from .estimators import Estimator, SiteDraw
 
 
 class RSVI(Estimator):
@@ -257,8 +249,6 @@ class RSVI(Estimator):
 
     def __init__(self, boost: int = 1, baseline="auto"):
         self.boost = _check_boost(boost)
-        from .baselines import as_baseline
-
         self.baseline = as_baseline(baseline)
 
     def draw(self, name, fn, ctx):

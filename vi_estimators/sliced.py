@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import torch
 
+from .control_variates import optimal_coefficient
+
 __all__ = ["random_directions", "sliced_wasserstein", "wasserstein_1d"]
 
 _CONTROL_VARIATES = (None, "lower", "upper")
@@ -61,20 +63,6 @@ def wasserstein_1d(u: torch.Tensor, v: torch.Tensor, p: float = 2) -> torch.Tens
     iv = torch.searchsorted(v_cdf, qs, right=False).clamp(max=m - 1)
     diff = u_sorted[..., iu] - v_sorted[..., iv]
     return (diff.abs().pow(p) * widths).sum(-1)
-
-
-def _loo_coefficient(w: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """Leave-one-out optimal coefficient ``Cov(w, h) / Var(h)`` along the last dim (detached)."""
-    w, h = w.detach(), h.detach()
-    L = w.size(-1)
-    sw, sh = w.sum(-1, keepdim=True), h.sum(-1, keepdim=True)
-    swh, shh = (w * h).sum(-1, keepdim=True), (h * h).sum(-1, keepdim=True)
-    n = L - 1
-    mw, mh = (sw - w) / n, (sh - h) / n
-    cov = (swh - w * h) / n - mw * mh
-    var = (shh - h * h) / n - mh * mh
-    tiny = torch.finfo(h.dtype).tiny
-    return cov / var.clamp_min(tiny)
 
 
 def sliced_wasserstein(
@@ -143,7 +131,7 @@ def sliced_wasserstein(
                 (y - my.unsqueeze(-2)) ** 2
             ).sum(-1).mean(-1)
             h_mean = h_mean + tr.unsqueeze(-1) / d
-        c = _loo_coefficient(w, h)
+        c = optimal_coefficient(w, h, dim=-1)  # leave-one-out over the L directions
         terms = w - c * (h - h_mean)
     est = terms.mean(-1)
     return (est, terms) if return_terms else est
