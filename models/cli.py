@@ -97,7 +97,8 @@ def evaluate(spec: ModelSpec, result: FitResult, idata=None) -> dict:
         metrics["ess_per_s"] = metrics["min_ess"] / result.wall_time
     ref = spec.reference
     if ref is not None:
-        sites = [s for s in ref.draws if s in result.draws]
+        # distances are over the continuous latents (discrete ones are summarised elsewhere)
+        sites = [s for s in ref.draws if s in result.draws and s not in spec.discrete_sites]
         if sites:
             mean = {k: v for k, v in ref.mean().items() if k in sites}
             sd = {k: v.sqrt() for k, v in ref.variance().items() if k in sites}

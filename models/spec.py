@@ -67,6 +67,11 @@ def _move_distribution(d: torch.distributions.Distribution, device, dtype):
     return type(d)(**params)
 
 
+def _as_float(v: torch.Tensor) -> torch.Tensor:
+    """Discrete draws (e.g. mixture assignments) averaged as floats (frequencies)."""
+    return v if v.is_floating_point() else v.to(torch.get_default_dtype())
+
+
 @dataclass
 class Reference:
     """A reference posterior over the model's latent sites (in the constrained space).
@@ -86,13 +91,13 @@ class Reference:
         """Posterior means: exact for analytic references, the draws' mean otherwise."""
         if self.analytic is not None:
             return {k: d.mean for k, d in self.analytic.items()}
-        return {k: v.mean(0) for k, v in self.draws.items()}
+        return {k: _as_float(v).mean(0) for k, v in self.draws.items()}
 
     def variance(self) -> dict[str, torch.Tensor]:
         """Posterior marginal variances: exact for analytic references, from the draws otherwise."""
         if self.analytic is not None:
             return {k: d.variance for k, d in self.analytic.items()}
-        return {k: v.var(0) for k, v in self.draws.items()}
+        return {k: _as_float(v).var(0) for k, v in self.draws.items()}
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Reference:
         device = torch.device(device)

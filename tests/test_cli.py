@@ -91,3 +91,24 @@ def test_skipped_methods_give_a_reason():
     rows = compare("discrete_mixture", ["svi"], num_samples=10, seed=0, device="cpu",
                    progress=False, out=None)
     assert rows[0]["status"] == "skipped" and "discrete" in rows[0]["note"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["gaussian_conjugate", "logistic_regression", "sparse_logistic"])
+def test_compare_runs_every_applicable_method(model):
+    """Integration: every registered method either runs (tiny budget) or says why it can't."""
+    from models.cli import compare
+    from models.methods import get_method, method_names
+
+    rows = compare(model, method_names(), num_samples=20, seed=0, device="cpu", progress=False,
+                   out=None, num_steps=20)
+    failed = [(r["method"], r["note"]) for r in rows if r["status"] == "failed"]
+    assert not failed
+    ran = {r["method"] for r in rows if r["status"] == "ok"}
+    # the reference methods and at least one method of each family apply to these models
+    assert {"nuts", "svi", "elbo", "coin_svgd", "sgld"} <= ran
+    if model == "sparse_logistic":
+        assert {"myula", "bmumla"} <= ran
+    for r in rows:
+        if r["status"] == "skipped":
+            assert r["note"] and get_method(r["method"]).applies_to is not None

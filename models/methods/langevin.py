@@ -63,17 +63,27 @@ def _sgld_method(name: str, kernel_cls, description: str) -> None:
     def fit(spec: ModelSpec, config: FitConfig) -> FitResult:
         pyro.set_rng_seed(config.seed)
         start = time.perf_counter()
-        _, mode, step = mode_and_step(spec, config)
+        pot, mode, step = mode_and_step(spec, config)
         num_chains = int(config.options.get("num_chains", 4))
         kwargs = {"anchor": mode} if kernel_cls is CVSGLD else {}
+        start_at = mode.expand(num_chains, -1)
+        if kernel_cls is pSGLD:
+            # pSGLD's preconditioner is 1/sqrt(E[g^2]): at stationarity g ~ sqrt(lambda) per
+            # coordinate, so the effective step is h/sqrt(lambda) and h = 0.1/sqrt(lambda_max)
+            # is as stable as SGLD's 0.1/lambda_max. Its running average starts at the first
+            # gradient squared, which vanishes at the mode: start one posterior sd away instead.
+            lam = 0.1 / step
+            if "step_size" not in config.options:
+                step = 0.1 / lam ** 0.5
+            start_at = start_at + torch.randn(start_at.shape, dtype=mode.dtype,
+                                              device=mode.device) / lam ** 0.5
         kernel = kernel_cls(spec.model, step, subsample_size=_subsample(spec, config),
                             max_plate_nesting=spec.max_plate_nesting, seed=config.seed, **kwargs)
         warmup = config.num_warmup if config.num_warmup is not None else config.num_samples // 2
         draws = kernel.sample_chains(config.num_samples, num_chains=num_chains,
                                      warmup_steps=warmup, model_args=spec.args,
                                      model_kwargs=spec.kwargs,
-                                     initial_params=mode.expand(num_chains, -1),
-                                     progress=config.progress)
+                                     initial_params=start_at, progress=config.progress)
         wall = time.perf_counter() - start
         keep = [k for k in latent_names(spec) if k in draws]
         return FitResult(name, spec.name, {k: draws[k].detach().cpu() for k in keep}, wall,
