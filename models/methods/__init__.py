@@ -17,7 +17,10 @@ import torch
 
 from ..spec import ModelSpec
 
-__all__ = ["FitConfig", "FitResult", "Method", "get_method", "method_names", "register_method"]
+__all__ = [
+    "FitConfig", "FitResult", "Method", "chains_result", "get_method", "latent_names",
+    "method_names", "register_method",
+]
 
 
 @dataclass
@@ -91,6 +94,15 @@ def get_method(name: str) -> Method:
     if name not in _METHODS:
         raise KeyError(f"unknown method {name!r}; valid methods: {', '.join(_METHODS)}")
     return _METHODS[name]
+
+
+def chains_result(method: str, spec: ModelSpec, draws: dict[str, torch.Tensor], wall_time: float,
+                  **fields) -> FitResult:
+    """A :class:`FitResult` holding the reported sites of ``draws`` (``(chains, draws, *shape)``,
+    moved to the CPU); ``fields`` are the other :class:`FitResult` fields."""
+    keep = [k for k in latent_names(spec) if k in draws]
+    return FitResult(method, spec.name, {k: draws[k].detach().cpu() for k in keep}, wall_time,
+                     **fields)
 
 
 def latent_names(spec: ModelSpec) -> list[str]:

@@ -21,7 +21,7 @@ from mcmc.federated import FederatedSGLD
 from mcmc.sgld import CVSGLD, SGLD, find_mode, pSGLD
 
 from ..spec import ModelSpec
-from . import FitConfig, FitResult, Method, latent_names, register_method
+from . import FitConfig, FitResult, Method, chains_result, register_method
 from .particles import _continuous_latents_only
 
 
@@ -63,7 +63,7 @@ def _sgld_method(name: str, kernel_cls, description: str) -> None:
     def fit(spec: ModelSpec, config: FitConfig) -> FitResult:
         pyro.set_rng_seed(config.seed)
         start = time.perf_counter()
-        pot, mode, step = mode_and_step(spec, config)
+        _, mode, step = mode_and_step(spec, config)
         num_chains = int(config.options.get("num_chains", 4))
         kwargs = {"anchor": mode} if kernel_cls is CVSGLD else {}
         start_at = mode.expand(num_chains, -1)
@@ -85,9 +85,8 @@ def _sgld_method(name: str, kernel_cls, description: str) -> None:
                                      model_kwargs=spec.kwargs,
                                      initial_params=start_at, progress=config.progress)
         wall = time.perf_counter() - start
-        keep = [k for k in latent_names(spec) if k in draws]
-        return FitResult(name, spec.name, {k: draws[k].detach().cpu() for k in keep}, wall,
-                         ess_defined=True, info={"step_size": step, "num_chains": num_chains,
+        return chains_result(name, spec, draws, wall,
+                             ess_defined=True, info={"step_size": step, "num_chains": num_chains,
                                                  "subsample_size": kernel.subsample_size})
 
     register_method(Method(name, fit, _continuous_latents_only, description, family="mcmc"))
@@ -121,9 +120,8 @@ def _federated_method(name: str, method: str, description: str) -> None:
         z, _ = sampler.run(rounds, num_chains, packet=packet, progress=config.progress)
         draws = sampler.constrain(z[:, : config.num_samples])
         wall = time.perf_counter() - start
-        keep = [k for k in latent_names(spec) if k in draws]
-        return FitResult(name, spec.name, {k: draws[k].detach().cpu() for k in keep}, wall,
-                         ess_defined=True, info={"step_size": step, "tau": tau,
+        return chains_result(name, spec, draws, wall,
+                             ess_defined=True, info={"step_size": step, "tau": tau,
                                                  "num_shards": len(spec.shards)})
 
     register_method(Method(name, fit, _federated_applies, description, family="mcmc"))
@@ -175,9 +173,8 @@ def _proximal_method(name: str, method: str, description: str) -> None:
                                   initial_params=pot.unpack(mode), progress=config.progress,
                                   **spec.kwargs)
         wall = time.perf_counter() - start
-        keep = [k for k in latent_names(spec) if k in draws]
-        return FitResult(name, spec.name, {k: draws[k].detach().cpu() for k in keep}, wall,
-                         ess_defined=True, info={"step_size": step, "num_chains": num_chains})
+        return chains_result(name, spec, draws, wall,
+                             ess_defined=True, info={"step_size": step, "num_chains": num_chains})
 
     register_method(Method(name, fit, _proximal_applies, description, family="mcmc"))
 

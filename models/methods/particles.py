@@ -16,7 +16,7 @@ from tqdm.auto import trange
 from mcmc import CoinKSDD, CoinMSVGD, CoinSVGD, SimplexEntropy
 
 from ..spec import ModelSpec
-from . import FitConfig, FitResult, Method, latent_names, register_method
+from . import FitConfig, FitResult, Method, chains_result, register_method
 from .pyro_builtin import model_params
 
 
@@ -30,9 +30,8 @@ def _continuous_latents_only(spec: ModelSpec) -> str | None:
 
 
 def _result(name: str, spec: ModelSpec, named: dict, wall: float, info: dict) -> FitResult:
-    keep = [k for k in latent_names(spec) if k in named]
-    return FitResult(name, spec.name, {k: named[k].detach().cpu()[None] for k in keep}, wall,
-                     kind="particles", info=info)
+    return chains_result(name, spec, {k: v[None] for k, v in named.items()}, wall,
+                         kind="particles", info=info)
 
 
 def _fit_sampler(name: str, make, default_particles: int, default_steps: int):

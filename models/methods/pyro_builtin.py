@@ -11,7 +11,7 @@ from pyro.infer import MCMC, NUTS, SVI, Predictive, Trace_ELBO, config_enumerate
 from tqdm.auto import tqdm
 
 from ..spec import ModelSpec
-from . import FitConfig, FitResult, Method, latent_names, register_method
+from . import FitConfig, FitResult, Method, chains_result, latent_names, register_method
 
 
 def model_params(spec: ModelSpec) -> list[str]:
@@ -41,10 +41,8 @@ def _fit_nuts(spec: ModelSpec, config: FitConfig) -> FitResult:
     mcmc.run(*spec.args, **spec.kwargs)
     wall = time.perf_counter() - start
     samples = mcmc.get_samples(group_by_chain=True)
-    keep = [k for k in latent_names(spec) if k in samples]
     divergences = sum(len(v) for v in mcmc.diagnostics().get("divergences", {}).values())
-    return FitResult("nuts", spec.name, {k: samples[k].detach().cpu() for k in keep}, wall,
-                     ess_defined=True,
+    return chains_result("nuts", spec, samples, wall, ess_defined=True,
                      info={"warmup_steps": warmup, "num_chains": 1, "divergences": divergences})
 
 
@@ -72,14 +70,13 @@ def run_svi(spec: ModelSpec, config: FitConfig, loss, name: str, *, default_step
     losses = []
     for _ in tqdm(range(num_steps), desc=f"{name} {spec.name}", disable=not config.progress):
         losses.append(svi.step(*spec.args, **spec.kwargs))
-    keep = latent_names(spec)
     with torch.no_grad():
-        draws = Predictive(guide, num_samples=config.num_samples, return_sites=keep,
+        draws = Predictive(guide, num_samples=config.num_samples, return_sites=latent_names(spec),
                            parallel=True)(*spec.args, **spec.kwargs)
     wall = time.perf_counter() - start
-    return FitResult(name, spec.name, {k: draws[k][None].detach().cpu() for k in keep}, wall,
-                     info={"final_loss": sum(losses[-50:]) / len(losses[-50:]),
-                           "num_steps": num_steps, "guide": type(guide).__name__})
+    info = {"final_loss": sum(losses[-50:]) / len(losses[-50:]), "num_steps": num_steps,
+            "guide": type(guide).__name__}
+    return chains_result(name, spec, {k: v[None] for k, v in draws.items()}, wall, info=info)
 
 
 def _fit_svi(spec: ModelSpec, config: FitConfig) -> FitResult:
