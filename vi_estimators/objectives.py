@@ -238,20 +238,138 @@ class Renyi(_ImportanceWeighted):
 
 
 class CUBO(_ImportanceWeighted):
-    """Minus the chi upper bound (Dieng et al. 2017): ``-(1/n) log mean_k w_k^n``.
+    r"""The chi upper bound (Dieng et al. 2017, "Variational inference via chi upper bound
+    minimization", NeurIPS): ``CUBO_n = (1/n) log E_q[w^n]``, ``w = p(x, z) / q(z)``, ``n > 1``.
 
-    Maximising it minimises the K-sample CUBO_n (an upper bound on log p(x) in expectation only
-    as K grows, like the IWELBO is a lower bound). ``loss`` is therefore the CUBO estimate."""
+    **Value.** ``loss`` (and the value of ``differentiable_loss``) is the K-sample estimate
+    ``(1/n) log mean_k w_k^n`` -- the bound users want to see (for the same draws it is >= the
+    IWELBO >= ``mean_k log w_k``).
 
-    def __init__(self, n: float = 2.0, *, num_particles: int = 8, **options):
+    **Gradient.** That value is *not* what is differentiated: its expectation is not an upper
+    bound for finite K (``E log <= log E``) and it is unbounded below in the guide (a very wide
+    q drives it to ``-inf``), so ascending minus it diverges. As Dieng et al. (sec. 3) do, the
+    gradient is that of the exponentiated bound ``L = exp(n CUBO_n) = E_q[w^n]`` (exp is
+    monotone: minimising L minimises CUBO_n), whose K-sample estimate ``mean_k w_k^n`` is
+    unbiased. With ``s_k = exp(n (log w_k - c))`` (c a constant, below), ``-grad`` of the
+    surrogate is an unbiased estimate of ``(1/n) exp(-n c) grad E_q[w^n]``, a positive multiple
+    of ``grad L`` (about ``grad CUBO_n = grad L / (n L)`` when ``exp(n c)`` is close to L):
+
+    * ``path_gradient=True`` (doubly reparameterised; needs Reparam at every latent site):
+      since ``E_q[g(z) d log q / dphi] = E[dg/dz dz/dphi]`` for a fixed g, the guide gradient
+      of ``E_q[w^n]`` is ``-n (n - 1) E[w^n  d log w / dz  dz / dphi]`` (partials of log w at
+      stopped guide parameters; the same rewriting as DReG, Tucker et al. 2019, eq. 5-7), and
+      the model gradient is ``n E[w^n d log p / dtheta]``. The surrogate's guide gradient is
+      ``(n - 1) mean_k s_k d log w_k / dz_k dz_k / dphi`` and its model gradient
+      ``-mean_k s_k d log p_k / dtheta``. Every draw then pushes q towards p (far-out draws of
+      a too-wide q say "narrow"), where the plain pathwise form relies on rare draws near the
+      posterior to say so -- which adaptive optimisers (Adam's normalisation, clipping) cannot
+      weight correctly, so the plain form drifts to ever wider q in practice;
+    * ``path_gradient=False``: the program returns the per-particle values
+      ``F_k = -(1/n) s_k``; reparameterised draws get the pathwise gradient, score-function
+      sites the DiCE terms with signal ``F_k`` and RLOO baselines ``mean_{j != k} F_j`` (valid:
+      each ``F_k`` depends only on particle k's draw);
+    * ``path_gradient=None`` (default): the first when every latent site is reparameterised,
+      else the second.
+
+    Minimising an upper bound in the *model* parameters lowers ``p(x)``; use CUBO for the guide
+    (model parameters fixed or trained by another objective) unless that is what you want.
+
+    **The constant c** (attribute ``shift``: a detached 0-dim tensor, ``None`` before the first
+    call) is a running average of past CUBO estimates, ``c <- decay * c + (1 - decay) *
+    (1/n) log mean_k w_k^n``, updated *after* the current batch has used the old value.
+    Conditionally on the past it is independent of the current draws, so each step's gradient
+    is unbiased for the positive multiple ``exp(-n c) / n`` of ``grad E_q[w^n]``. Two
+    exceptions, both biased:
+
+    * the first call (``shift is None``) sets c from its own batch: that one step is a
+      self-normalised (ratio) estimator (O(1/K) bias). Set ``shift`` yourself (e.g.
+      ``torch.tensor(0.)``) to avoid it; ``reset()`` when switching model or data;
+    * overflow guard: if ``max_k n (log w_k - c) > max_exponent``, that step uses
+      ``n c' = max_k n log w_k - max_exponent``: it points in the direction of the same
+      per-batch estimate, shortened by ``exp(max_exponent - max_k n (log w_k - c)) < 1``, a
+      factor that depends on the draws (so such steps down-weight extreme batches).
+      ``num_rescaled`` counts them.
+
+    Enumerate/MVD sites are not supported (the objective is not linear in log w).
+    """
+
+    def __init__(self, n: float = 2.0, *, num_particles: int = 8,
+                 path_gradient: bool | None = None, decay: float = 0.9,
+                 max_exponent: float = 20.0, **options):
         if n <= 1:
             raise ValueError(f"CUBO: n must be > 1, got {n}")
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"CUBO: decay must be in [0, 1), got {decay}")
+        if not 0.0 < max_exponent <= 80.0:
+            raise ValueError(f"CUBO: max_exponent must be in (0, 80], got {max_exponent}")
+        if path_gradient not in (None, True, False):
+            raise TypeError(f"CUBO: path_gradient must be None, True or False, got "
+                            f"{path_gradient!r}")
         super().__init__(num_particles=num_particles, **options)
         self.n = float(n)
+        self.path_gradient = path_gradient
+        self.decay = float(decay)
+        self.max_exponent = float(max_exponent)
+        self.shift: torch.Tensor | None = None
+        self.num_rescaled = 0
+
+    def reset(self) -> None:
+        """Forget the running constant ``shift`` (the next call re-initialises it)."""
+        self.shift = None
+
+    def _log_scale(self, n_log_w: torch.Tensor) -> torch.Tensor:
+        """``n c`` for this step (detached), then the update of c; records the batch's
+        estimate (minus its CUBO value) on the run."""
+        # logmeanexp (not the bare helper): it refuses Enumerate/MVD sites
+        log_mean = logmeanexp(n_log_w).detach()  # n * (this batch's CUBO estimate)
+        if self.shift is None:
+            old = log_mean  # first call only: the batch's own value (see the docstring)
+        else:
+            old = self.n * self.shift.to(device=log_mean.device, dtype=log_mean.dtype)
+        excess = n_log_w.detach().max() - old - self.max_exponent
+        if excess > 0:  # overflow guard (a biased, counted exception; see the docstring)
+            self.num_rescaled += 1
+            n_c = old + excess
+        else:
+            n_c = old
+        # c is updated only now: this step used a constant independent of its own draws
+        self.shift = (self.decay * old + (1.0 - self.decay) * log_mean) / self.n
+        current_run().cubo_estimate = -log_mean / self.n
+        return n_c
 
     def program(self, model, guide, *args, **kwargs):
-        _, log_p, log_q = self.log_weights(model, guide, *args, **kwargs)
-        return -logmeanexp(self.n * (log_p - log_q)) / self.n
+        with particles():
+            trace, log_q = sim(guide, *args, **kwargs)
+            if self.path_gradient is None:
+                reparam = all(
+                    s.get("estimator_draw") is None
+                    or (s["estimator_draw"].score is None and s["estimator_draw"].alt is None)
+                    for s in trace.nodes.values())
+                path = reparam
+            else:
+                path = self.path_gradient
+            if not path:
+                log_p = density(model, trace, *args, **kwargs)
+        if not path:
+            n_log_w = self.n * (log_p - log_q)
+            return -torch.exp(n_log_w - self._log_scale(n_log_w)) / self.n
+        _check_all_reparam(trace, "CUBO(path_gradient=True)")
+        log_p, log_w, pairs = _leaf_log_weights(model, guide, trace, args, kwargs)
+        n_log_w = self.n * log_w.detach()
+        s = torch.exp(n_log_w - self._log_scale(n_log_w))
+        estimate = current_run().cubo_estimate
+        if not torch.is_grad_enabled():
+            return estimate
+        k = s.shape[0]
+        theta = -(s * log_p).sum() / k
+        return (estimate + (theta - theta.detach())
+                + _path_term(log_w, (self.n - 1.0) * s / k, pairs))
+
+    def _assemble(self, run, value):
+        surrogate, _, run = super()._assemble(run, value)
+        # report the bound; the gradient stays that of the surrogate built by the program
+        estimate = run.cubo_estimate
+        return surrogate + (estimate - surrogate).detach(), estimate, run
 
 
 # ---------------------------------------------------------------------------------------------
