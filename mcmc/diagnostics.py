@@ -36,9 +36,11 @@ __all__ = [
     "ARVIZ_MAJOR",
     "energy_distance",
     "flatten_draws",
+    "group_names",
     "load_inference_data",
     "log_likelihood",
     "mean_error",
+    "posterior_dataset",
     "save_inference_data",
     "to_inference_data",
 ]
@@ -272,7 +274,25 @@ def save_inference_data(idata: Any, path: str | os.PathLike) -> str:
 
 def load_inference_data(path: str | os.PathLike):
     """Read InferenceData (DataTree under ArviZ 1.x) written by :func:`save_inference_data`."""
-    return az.from_netcdf(os.fspath(path))
+    if hasattr(az, "from_netcdf"):
+        return az.from_netcdf(os.fspath(path))
+    import xarray as xr  # ArviZ 1.x reads DataTrees through xarray itself
+
+    with xr.open_datatree(os.fspath(path)) as tree:
+        return tree.load()
+
+
+def group_names(idata: Any) -> list[str]:
+    """Names of the groups (``posterior``, ``observed_data``, ...) under either ArviZ API."""
+    if hasattr(idata, "children"):  # ArviZ 1.x DataTree
+        return list(idata.children)
+    return list(idata.groups())
+
+
+def posterior_dataset(idata: Any):
+    """The ``posterior`` group as an ``xarray.Dataset`` under either ArviZ API."""
+    post = idata.posterior
+    return post.to_dataset() if hasattr(post, "to_dataset") else post
 
 
 def flatten_draws(draws: Mapping[str, Any], sites: list[str] | None = None) -> torch.Tensor:

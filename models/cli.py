@@ -84,13 +84,13 @@ def _flat_draws(result: FitResult, sites: list[str]) -> torch.Tensor:
 
 def evaluate(spec: ModelSpec, result: FitResult, idata=None) -> dict:
     """Metrics of one fit: wall time, ESS/s, distance to the reference, held-out log density."""
-    from mcmc.diagnostics import energy_distance, log_likelihood, mean_error
+    from mcmc.diagnostics import energy_distance, log_likelihood, mean_error, posterior_dataset
 
     metrics: dict = {"method": result.method, "model": spec.name, "wall_s": result.wall_time}
     if result.ess_defined and idata is not None:
         import arviz as az
 
-        ess = az.ess(idata)
+        ess = az.ess(posterior_dataset(idata))
         values = [float(v) for name in ess.data_vars for v in ess[name].values.reshape(-1)]
         finite = [v for v in values if math.isfinite(v)]
         metrics["min_ess"] = min(finite) if finite else float("nan")
@@ -210,7 +210,7 @@ def cmd_run(args) -> int:
     result = _fit(spec, args.method, config)
     idata = _inference_data(spec, result)
     stem = os.path.join(out, f"{spec.name}-{result.method}")
-    from mcmc.diagnostics import save_inference_data
+    from mcmc.diagnostics import posterior_dataset, save_inference_data
 
     save_inference_data(idata, stem + ".nc")
     metrics = evaluate(spec, result, idata)
@@ -218,7 +218,7 @@ def cmd_run(args) -> int:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        summary = az.summary(idata)
+        summary = az.summary(posterior_dataset(idata))
     _write_text(stem + "-summary.csv", summary.to_csv())
     _write_text(stem + "-metrics.json", json.dumps(metrics, indent=2))
     _plot(spec, result, stem + ".png")

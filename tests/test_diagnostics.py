@@ -12,9 +12,11 @@ from pyro.infer.autoguide import AutoNormal
 
 from mcmc.diagnostics import (
     energy_distance,
+    group_names,
     load_inference_data,
     log_likelihood,
     mean_error,
+    posterior_dataset,
     save_inference_data,
     to_inference_data,
 )
@@ -43,8 +45,11 @@ def test_mcmc_round_trip_with_log_likelihood(tmp_path):
     s = mcmc.get_samples()["s"][3]
     direct = dist.Normal(mu, s).to_event(1).log_prob(X).numpy()
     np.testing.assert_allclose(idata.log_likelihood["x"].values[0, 3], direct, rtol=1e-5)
+    assert set(group_names(idata)) == {"posterior", "log_likelihood", "observed_data"}
     path = save_inference_data(idata, tmp_path / "fit.nc")
     back = load_inference_data(path)
+    assert set(group_names(back)) == set(group_names(idata))
+    assert posterior_dataset(back)["mu"].shape == (1, 12, 2)
     np.testing.assert_allclose(back.posterior["mu"].values, idata.posterior["mu"].values)
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
 
