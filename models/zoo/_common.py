@@ -63,6 +63,24 @@ def load_npz(path: str | Path, keys: tuple[str, ...] = ()) -> dict[str, np.ndarr
     return arrays
 
 
+def load_table(
+    filename: str, shape: tuple[int, int], heldout_fraction: float, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """An embedded ``(X, y)`` table split into train/held-out rows, as float64 tensors.
+
+    Checks the stored shapes (``X`` is ``shape``, ``y`` has ``shape[0]`` rows) and raises a
+    ``ValueError`` naming the file otherwise. Returns ``(X_train, y_train, X_heldout, y_heldout)``.
+    """
+    arrays = load_npz(filename, keys=("X", "y"))
+    X = torch.as_tensor(arrays["X"], dtype=torch.float64)
+    y = torch.as_tensor(arrays["y"], dtype=torch.float64)
+    if tuple(X.shape) != tuple(shape) or tuple(y.shape) != (shape[0],):
+        raise ValueError(f"{filename} has unexpected shapes X {tuple(X.shape)}, "
+                         f"y {tuple(y.shape)}; expected {tuple(shape)} and ({shape[0]},)")
+    train, test = split_indices(X.shape[0], heldout_fraction, seed)
+    return X[train], y[train], X[test], y[test]
+
+
 def split_indices(n: int, heldout_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A fixed random (train, heldout) split of ``range(n)``, reproducible across platforms."""
     gen = torch.Generator().manual_seed(seed)

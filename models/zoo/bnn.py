@@ -20,7 +20,7 @@ import torch
 
 from ..registry import register
 from ..spec import ModelSpec
-from ._common import load_npz, load_reference, split_indices, standardise, strip_plate_dims
+from ._common import load_reference, load_table, standardise, strip_plate_dims
 
 HELDOUT_FRACTION = 0.2
 SPLIT_SEED = 0
@@ -28,15 +28,10 @@ SPLIT_SEED = 0
 
 def diabetes() -> tuple[torch.Tensor, ...]:
     """``(X_train, y_train, X_heldout, y_heldout)``, standardised with training statistics."""
-    arrays = load_npz("diabetes.npz", keys=("X", "y"))
-    X = torch.as_tensor(arrays["X"], dtype=torch.float64)
-    y = torch.as_tensor(arrays["y"], dtype=torch.float64)
-    if X.shape != (442, 10) or y.shape != (442,):
-        raise ValueError(f"diabetes.npz has unexpected shapes X {tuple(X.shape)}, "
-                         f"y {tuple(y.shape)}; expected (442, 10) and (442,)")
-    train, test = split_indices(X.shape[0], HELDOUT_FRACTION, SPLIT_SEED)
-    X_train, X_test = standardise(X[train], X[test])
-    y_train, y_test = standardise(y[train], y[test])
+    X_train, y_train, X_test, y_test = load_table("diabetes.npz", (442, 10), HELDOUT_FRACTION,
+                                                  SPLIT_SEED)
+    X_train, X_test = standardise(X_train, X_test)
+    y_train, y_test = standardise(y_train, y_test)
     return X_train.float(), y_train.float(), X_test.float(), y_test.float()
 
 

@@ -17,10 +17,9 @@ import torch
 from ..registry import register
 from ..spec import ModelSpec
 from ._common import (
-    load_npz,
     load_reference,
+    load_table,
     seeded_generator,
-    split_indices,
     standardise,
     strip_plate_dims,
 )
@@ -33,18 +32,13 @@ SPLIT_SEED = 0
 def breast_cancer(with_intercept: bool = True) -> tuple[torch.Tensor, ...]:
     """``(X_train, y_train, X_heldout, y_heldout)``: standardised features (float32), labels
     as float 0/1; column 0 is the intercept when ``with_intercept``."""
-    arrays = load_npz("breast_cancer.npz", keys=("X", "y"))
-    X = torch.as_tensor(arrays["X"], dtype=torch.float64)
-    y = torch.as_tensor(arrays["y"], dtype=torch.float32)
-    if X.shape != (569, 30) or y.shape != (569,):
-        raise ValueError(f"breast_cancer.npz has unexpected shapes X {tuple(X.shape)}, "
-                         f"y {tuple(y.shape)}; expected (569, 30) and (569,)")
-    train, test = split_indices(X.shape[0], HELDOUT_FRACTION, SPLIT_SEED)
-    X_train, X_test = standardise(X[train], X[test])
+    X_train, y_train, X_test, y_test = load_table("breast_cancer.npz", (569, 30),
+                                                  HELDOUT_FRACTION, SPLIT_SEED)
+    X_train, X_test = standardise(X_train, X_test)
     if with_intercept:
-        X_train = torch.cat([torch.ones(len(train), 1, dtype=X.dtype), X_train], -1)
-        X_test = torch.cat([torch.ones(len(test), 1, dtype=X.dtype), X_test], -1)
-    return X_train.float(), y[train], X_test.float(), y[test]
+        X_train = torch.cat([torch.ones(len(X_train), 1, dtype=X_train.dtype), X_train], -1)
+        X_test = torch.cat([torch.ones(len(X_test), 1, dtype=X_test.dtype), X_test], -1)
+    return X_train.float(), y_train.float(), X_test.float(), y_test.float()
 
 
 def logistic_model(
