@@ -137,6 +137,14 @@ def _draw_from_guide(guide: Callable, args: tuple, kwargs: dict, num_samples: in
     return {k: _numpy(samples[k])[None] for k in latent}
 
 
+def _data_device(args: tuple, kwargs: dict) -> torch.device:
+    """The device of the first tensor among a model's arguments (CPU if there is none)."""
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor):
+            return value.device
+    return torch.device("cpu")
+
+
 def log_likelihood(
     model: Callable,
     draws: Mapping[str, Any],
@@ -153,7 +161,9 @@ def log_likelihood(
     models that do not broadcast are evaluated draw by draw.
     """
     model_kwargs = model_kwargs or {}
-    draws = {k: torch.as_tensor(np.asarray(v)) for k, v in draws.items()}
+    # the draws join the model's data on its device (e.g. CPU draws, CUDA data)
+    device = _data_device(model_args, model_kwargs)
+    draws = {k: torch.as_tensor(_numpy(v)).to(device) for k, v in draws.items()}
     chains, ndraws = next(iter(draws.values())).shape[:2]
     flat = {k: v.reshape((chains * ndraws,) + v.shape[2:]) for k, v in draws.items()}
     if max_plate_nesting is None:

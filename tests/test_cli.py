@@ -112,3 +112,14 @@ def test_compare_runs_every_applicable_method(model):
     for r in rows:
         if r["status"] == "skipped":
             assert r["note"] and get_method(r["method"]).applies_to is not None
+
+
+@pytest.mark.cuda
+def test_compare_on_cuda():
+    """Every family runs with the model's data on the GPU (the methods follow the tensors)."""
+    from models.cli import compare
+
+    rows = compare("logistic_regression", ["nuts", "svi", "elbo", "sgld", "coin_svgd"],
+                   num_samples=20, seed=0, device="cuda", progress=False, out=None, num_steps=20)
+    assert [r["status"] for r in rows] == ["ok"] * 5, rows
+    assert all("heldout_lpd" in r for r in rows)
