@@ -279,7 +279,10 @@ def _plot_compare(model: str, rows: list[dict], path: str) -> None:
                              squeeze=False)
     for ax, metric in zip(axes[0], metrics):
         names = [r["method"] for r in ok if metric in r]
-        ax.barh(names, [r[metric] for r in ok if metric in r])
+        values = [r[metric] for r in ok if metric in r]
+        ax.barh(names, values)
+        if metric != "wall_s" and values and min(values) > 0:  # errors span decades
+            ax.set_xscale("log")
         ax.set_title(metric)
     fig.suptitle(f"pyroforge compare {model}")
     fig.tight_layout()
