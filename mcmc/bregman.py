@@ -443,6 +443,8 @@ class BregmanProximalLangevin(MCMCKernel):
                         ("thin", thin)):
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if not isinstance(warmup_steps, int) or warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be an int >= 0, got {warmup_steps!r}")
         pot = self._build(args, kwargs)
         if initial_params is not None:
             z = pot.pack(initial_params)

@@ -333,8 +333,9 @@ class ParticleSampler:
                                  "initial_params (e.g. FunctionPotential)")
         elif isinstance(init, dict):
             z = pot.pack(init)
-        else:
-            z = torch.as_tensor(init)
+        else:  # the potential's dtype/device when it has them (Potential does)
+            z = torch.as_tensor(init, dtype=getattr(pot, "dtype", None),
+                                device=getattr(pot, "device", None))
         if z.dim() != 2 or z.shape != (self.num_particles, pot.dim):
             raise ValueError(f"initial particles must have shape ({self.num_particles}, "
                              f"{pot.dim}), got {tuple(z.shape)}")

@@ -26,14 +26,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import pyro
 import torch
 from pyro import poutine
 from pyro.poutine.subsample_messenger import _Subsample
 
 from .coin import FunctionPotential, ParticleSampler
-from .kernels import RBFKernel, StationaryKernel
+from .kernels import RBFKernel, StationaryKernel, _resolve_chunk
 from .mirror import MirrorMap
+from .potential import Potential
 
 __all__ = ["CoinMSVGD", "msvgd_direction"]
 
@@ -54,8 +54,10 @@ def msvgd_direction(
     x = x.detach()
     score_eta = mirror.inverse_hessian_matvec(x, g)
     l2 = kernel.bandwidth_sq(x)
-    if chunk_size is None:
+    if chunk_size is None:  # blocks are (b, N, d) here, hence the d in the default
         chunk_size = max(1, min(n, (1 << 22) // max(n * d, 1)))
+    else:
+        chunk_size = _resolve_chunk(chunk_size, n)  # validates it
     hinv_x = mirror.inverse_hessian_matvec(x, x)  # H_j^{-1} x_j, (N, d)
     sq = x.pow(2).sum(-1)
     out = []
@@ -140,8 +142,9 @@ class CoinMSVGD(ParticleSampler):
 
         The target is the model's log joint at the *constrained* value (no Jacobian: the mirror
         map, not a bijection to R^d, handles the constraint), evaluated for all particles at once
-        under a particle plate left of the model's plates. ``initial_particles`` (primal ``(N,
-        d)``) default to draws from the site's prior.
+        under a particle plate left of the model's plates
+        (:meth:`mcmc.potential.Potential.log_density`). ``initial_particles`` (primal
+        ``(N, d)``) default to draws from the site's prior.
         """
         from .mirror import SimplexEntropy
 
@@ -157,31 +160,15 @@ class CoinMSVGD(ParticleSampler):
         if others:
             raise ValueError(f"CoinMSVGD.from_model needs {site!r} to be the only latent site; "
                              f"the model also samples {others}")
-        if max_plate_nesting is None:
-            max_plate_nesting = max(
-                [-f.dim for node in proto.nodes.values() if node["type"] == "sample"
-                 for f in node["cond_indep_stack"] if f.dim is not None] + [0])
+        # The shared potential layer gives the particle-plate log joint at constrained values.
+        pot = Potential(model, model_args, model_kwargs, max_plate_nesting=max_plate_nesting)
         node = proto.nodes[site]
-        shape, batch_ndim = node["value"].shape, len(node["fn"].batch_shape)
+        shape = node["value"].shape
         simplex = isinstance(mirror, SimplexEntropy)
         to_value = mirror.to_simplex if simplex else (lambda x: x)
-        dim = -(max_plate_nesting + 1)
 
         def log_prob(x: torch.Tensor) -> torch.Tensor:
-            n = x.shape[0]
-            value = to_value(x).reshape((n,) + (1,) * (max_plate_nesting - batch_ndim) + shape)
-            with poutine.block(), pyro.plate("_particles", n, dim=dim):
-                tr = poutine.trace(poutine.condition(model, {site: value})).get_trace(
-                    *model_args, **model_kwargs)
-            tr.compute_log_prob()
-            total = x.new_zeros(n)
-            for nd in tr.nodes.values():
-                if nd["type"] != "sample" or "log_prob" not in nd:
-                    continue
-                lp = nd["log_prob"]
-                lp = lp.reshape(n, -1).sum(-1) if lp.dim() == max_plate_nesting + 1 else lp.sum()
-                total = total + lp
-            return total
+            return pot.log_density({site: to_value(x).reshape((x.shape[0],) + shape)})
 
         if initial_particles is None:
             with torch.no_grad():

@@ -398,17 +398,12 @@ class FederatedSGLD:
 
     def _raise_nonfinite(self, s, z, u, g, t) -> None:
         pot = self.workers[s].potential
-        bad = ~(torch.isfinite(u) & torch.isfinite(g).all(-1))
-        chains = torch.nonzero(bad).flatten().tolist()
-        latent = [
-            k for k, sl in pot.site_slices.items() if not bool(torch.isfinite(g[:, sl]).all())
-        ]
-        zb = z[bad]
-        model_sites = pot.nonfinite_sites(zb) if bool(torch.isfinite(zb).all()) else []
+        chains, latent, model_sites = pot.nonfinite_report(z, u, g)
+        zb = z[chains]
         raise FloatingPointError(
             f"non-finite potential/gradient on shard {s} at iteration {t}: chain(s) "
-            f"{chains[:10]}, latent site(s) with non-finite gradient {latent}, model site(s) "
-            f"with non-finite log-density {model_sites}, at latent values "
+            f"{chains[:10]}, latent site(s) with non-finite state or gradient {latent}, "
+            f"model site(s) with non-finite log-density {model_sites}, at latent values "
             f"{ {k: v.tolist() for k, v in pot.unpack(zb[:1]).items()} }. "
             "Try a smaller step size, or check the model's parameters/data."
         )

@@ -56,7 +56,7 @@ from pyro.infer.mcmc.util import initialize_model
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.subsample_messenger import _Subsample
 
-__all__ = ["Potential", "check_finite"]
+__all__ = ["Potential", "check_finite", "infer_max_plate_nesting"]
 
 _CHAIN_PLATE = "_chains"
 
@@ -106,6 +106,20 @@ def check_finite(
         f"non-finite {name} ({'/'.join(kinds)}){where}: "
         + ", ".join(parts)
         + ". Try a smaller step size, or check the model's parameters/data."
+    )
+
+
+def infer_max_plate_nesting(trace) -> int:
+    """Deepest plate dim used by any sample site of a Pyro ``trace`` (0 without plates)."""
+    return max(
+        [
+            -f.dim
+            for node in trace.nodes.values()
+            if node["type"] == "sample"
+            for f in node["cond_indep_stack"]
+            if f.dim is not None
+        ]
+        + [0]
     )
 
 
@@ -196,12 +210,7 @@ class Potential:
                 initial_params=start_params,
             )
         if max_plate_nesting is None:
-            max_plate_nesting = 0
-            for node in proto.nodes.values():
-                if node["type"] == "sample":
-                    for f in node["cond_indep_stack"]:
-                        if f.dim is not None:
-                            max_plate_nesting = max(max_plate_nesting, -f.dim)
+            max_plate_nesting = infer_max_plate_nesting(proto)
         self.max_plate_nesting = int(max_plate_nesting)
         self._sites: OrderedDict[str, _Site] = OrderedDict()
         start = 0
@@ -487,7 +496,12 @@ class Potential:
         with poutine.block(), pyro.validation_enabled(False):
             tr = poutine.trace(model).get_trace(*self.model_args, **kwargs)
             tr.compute_log_prob(site_filter=lambda name, site: name not in self.exclude_sites)
-        total = log_det
+        return self._sum_log_prob(tr, log_det)
+
+    def _sum_log_prob(self, tr, total: torch.Tensor) -> torch.Tensor:
+        """``total (C,)`` plus every non-excluded sample site's ``log_prob`` in ``tr`` (a trace
+        under the chain plate, ``compute_log_prob`` done), summed per chain."""
+        C, mpn = total.shape[0], self.max_plate_nesting
         for name, node in tr.nodes.items():
             if node["type"] != "sample" or name in self.exclude_sites:
                 continue
@@ -507,6 +521,29 @@ class Potential:
                 lp = lp.sum()
             total = total + lp
         return total.expand(C) if total.dim() == 0 else total
+
+    def log_density(self, values: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Log joint ``log p(D, x)`` at *constrained* latent values ``{site: (C, *shape)}``,
+        shape ``(C,)``, differentiable in the values. No Jacobian term: for samplers that handle
+        the constraint themselves (e.g. mirror maps, :class:`mcmc.coin_msvgd.CoinMSVGD`)."""
+        self._check_keys(values)
+        mpn = self.max_plate_nesting
+        first = next(iter(self._sites))
+        C = values[first].shape[0]
+        cond = {}
+        for k, s in self._sites.items():
+            v = values[k]
+            if v.shape[1:] != s.shape or v.shape[0] != C:
+                raise ValueError(
+                    f"log_density: site {k!r} has shape {tuple(v.shape)}, expected "
+                    f"({C}, *{tuple(s.shape)})"
+                )
+            cond[k] = v.reshape((C,) + (1,) * (mpn - s.batch_ndim) + tuple(s.shape))
+        model = poutine.condition(self._chained(C), data=cond)
+        with poutine.block(), pyro.validation_enabled(False):
+            tr = poutine.trace(model).get_trace(*self.model_args, **self.model_kwargs)
+            tr.compute_log_prob(site_filter=lambda name, site: name not in self.exclude_sites)
+        return self._sum_log_prob(tr, values[first].new_zeros(C))
 
     def nonfinite_sites(self, z: torch.Tensor) -> list[str]:
         """Names of the model sites (and ``"log|det J| of <site>"`` terms) whose full-data
@@ -535,6 +572,24 @@ class Potential:
                 if not bool(torch.isfinite(lp).all()):
                     bad.append(name)
         return bad
+
+    def nonfinite_report(
+        self, z: torch.Tensor, u: torch.Tensor, g: torch.Tensor
+    ) -> tuple[list[int], list[str], list[str]]:
+        """For error messages of samplers: ``(chains, latent_sites, model_sites)`` where the
+        state ``z (C, D)``, potential ``u (C,)`` or gradient ``g (C, D)`` is NaN/inf --
+        the chains affected, the latent sites whose state/gradient entries are non-finite and
+        the model sites (:meth:`nonfinite_sites`) whose log-density is non-finite there."""
+        bad = ~(torch.isfinite(u) & torch.isfinite(g).all(-1) & torch.isfinite(z).all(-1))
+        chains = torch.nonzero(bad).flatten().tolist()
+        zb, gb = z[bad], g[bad]
+        latent = [
+            k
+            for k, sl in self.site_slices.items()
+            if bool((~torch.isfinite(gb[:, sl])).any() | (~torch.isfinite(zb[:, sl])).any())
+        ]
+        model_sites = self.nonfinite_sites(torch.where(torch.isfinite(zb), zb, 0.0))
+        return chains, latent, model_sites
 
     def _resolve_indices(self, C, subsample_size, indices, generator, with_replacement, shared):
         if subsample_size is None or indices is not None:

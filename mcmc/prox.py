@@ -313,6 +313,12 @@ class L2(GroupL1):
 # ---------------------------------------------------------------------------------------
 
 
+def _indicator_value(inside: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Value of a set's indicator: 0 where ``inside``, +inf elsewhere (in ``x``'s dtype)."""
+    return torch.where(inside, torch.zeros_like(inside, dtype=x.dtype),
+                       torch.full_like(inside, float("inf"), dtype=x.dtype))
+
+
 class Box(NonsmoothTerm):
     """Indicator of the box [low, high] (scalars or (d,) tensors; +-inf allowed).
 
@@ -349,9 +355,7 @@ class Box(NonsmoothTerm):
         return ((x >= lo) & (x <= hi)).all(-1)
 
     def __call__(self, x):
-        inside = self.contains(x)
-        return torch.where(inside, torch.zeros_like(inside, dtype=x.dtype),
-                           torch.full_like(inside, float("inf"), dtype=x.dtype))
+        return _indicator_value(self.contains(x), x)
 
     def prox(self, x, lam):
         _check_lam(lam)
@@ -426,9 +430,7 @@ class Simplex(NonsmoothTerm):
         return (x >= 0).all(-1) & ((x.sum(-1) - self.radius).abs() <= atol * self.radius)
 
     def __call__(self, x):
-        inside = self.contains(x)
-        return torch.where(inside, torch.zeros_like(inside, dtype=x.dtype),
-                           torch.full_like(inside, float("inf"), dtype=x.dtype))
+        return _indicator_value(self.contains(x), x)
 
     def prox(self, x, lam):
         _check_lam(lam)

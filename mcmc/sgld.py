@@ -247,6 +247,9 @@ class SGLD(MCMCKernel):
             )
             self._model_key = key
             self._check_subsample()
+            if self.state is not None:
+                # the cached (U, grad U) belong to the old data: recompute at the next step
+                self.state["cache"] = None
         return self.potential
 
     def _check_subsample(self) -> None:
@@ -365,16 +368,8 @@ class SGLD(MCMCKernel):
 
     def _raise_nonfinite(self, z, u, g, t, note="") -> None:
         """Raise FloatingPointError naming the iteration, chains, latent and model sites."""
-        pot = self.potential
+        chains, latent, model_sites = self.potential.nonfinite_report(z, u, g)
         bad = ~self._finite(z, u, g)
-        chains = torch.nonzero(bad).flatten().tolist()
-        latent = [
-            k
-            for k, sl in pot.site_slices.items()
-            if bool((~torch.isfinite(g[bad][:, sl])).any() | (~torch.isfinite(z[bad][:, sl])).any())
-        ]
-        zb = torch.where(torch.isfinite(z[bad]), z[bad], torch.zeros_like(z[bad]))
-        model_sites = pot.nonfinite_sites(zb)
         what = (
             "potential"
             if not bool((~torch.isfinite(g[bad])).any())
@@ -409,7 +404,8 @@ class SGLD(MCMCKernel):
         ``warmup_steps`` steps are run and discarded first, then ``num_samples * thinning``
         steps of which every ``thinning``-th is kept. If the kernel already holds a state for
         ``num_chains`` chains (a previous call, or :meth:`load_state_dict`), the run continues
-        from it; call :meth:`reset` to start afresh. ``initial_params``: a flat ``(C, D)``
+        from it (unless ``initial_params`` are given: they always start a fresh run); call
+        :meth:`reset` to start afresh. ``initial_params``: a flat ``(C, D)``
         unconstrained tensor or a dict of constrained values ``(C, *shape)``. With
         ``unconstrained=True`` the flat unconstrained draws ``(C, S, D)`` are returned under
         the key ``"_z"`` instead.
@@ -423,7 +419,11 @@ class SGLD(MCMCKernel):
         if self._pending_state is not None:
             self._apply_state(self._pending_state)
             self._pending_state = None
-        if self.state is None or self.state["z"].shape[0] != num_chains:
+        if (
+            self.state is None
+            or self.state["z"].shape[0] != num_chains
+            or initial_params is not None  # explicit starting points start a fresh run
+        ):
             z0 = initial_params
             if isinstance(z0, dict):
                 z0 = pot.pack(z0)

@@ -280,6 +280,8 @@ def test_bad_input():
     with pytest.raises(ValueError, match=r"site 'beta'.*positive orthant"):
         kernel.run_chains(torch.ones(3), num_chains=2, num_samples=1,
                           initial_params={"beta": -torch.ones(2, 3), "tau": torch.ones(2)})
+    with pytest.raises(ValueError, match="warmup_steps must be an int >= 0"):
+        kernel.run_chains(torch.ones(3), num_chains=2, num_samples=1, warmup_steps=-1)
     mcmc = pyro.infer.MCMC(kernel, num_samples=2, warmup_steps=0, disable_progbar=True,
                            initial_params={"beta": -torch.ones(3), "tau": torch.tensor(1.0)})
     with pytest.raises(ValueError, match=r"site 'beta'.*positive orthant"):

@@ -332,6 +332,8 @@ def test_msvgd_direction_matches_mirrored_stein_operator():
     got = msvgd_direction(x, dirichlet_log_prob, SIMPLEX, kernel)
     torch.testing.assert_close(got, expected)
     torch.testing.assert_close(msvgd_direction(x, dirichlet_log_prob, SIMPLEX, kernel, 2), got)
+    with pytest.raises(ValueError, match="chunk_size must be a positive int"):
+        msvgd_direction(x, dirichlet_log_prob, SIMPLEX, kernel, 0)
 
 
 def test_coin_msvgd_dirichlet():
