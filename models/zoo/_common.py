@@ -128,13 +128,19 @@ def save_reference(name: str, draws: dict[str, np.ndarray], meta: dict) -> Path:
     return path
 
 
-def load_reference(name: str, options: dict | None = None) -> tuple[Reference | None, str]:
+def load_reference(
+    name: str, options: dict | None = None, *, enabled: bool = True
+) -> tuple[Reference | None, str]:
     """Load the stored NUTS reference of model ``name`` as ``(Reference, note)``.
+
+    ``enabled=False`` (a builder's ``with_reference=False``) skips the file: ``(None, reason)``.
 
     The stored draws were produced for the options recorded in the file; if ``options`` (the
     spec's options that change the posterior) differ from them, the reference does not apply
     and ``(None, reason)`` is returned. A missing or corrupt file raises :class:`DataFileError`.
     """
+    if not enabled:
+        return None, "not loaded (with_reference=False)"
     arrays = load_npz(reference_path(name), keys=("meta",))
     meta = json.loads(str(arrays["meta"]))
     if options is not None:

@@ -74,9 +74,7 @@ def build_bnn_regression(num_hidden: int = 10, with_reference: bool = True) -> M
     X, y, X_test, y_test = diabetes()
     d = X.shape[-1]
     ref_options = {"num_hidden": num_hidden}
-    reference, note = (None, "not loaded (with_reference=False)")
-    if with_reference:
-        reference, note = load_reference("bnn_regression", ref_options)
+    reference, note = load_reference("bnn_regression", ref_options, enabled=with_reference)
     return ModelSpec(
         name="bnn_regression",
         model=bnn_model,

@@ -121,9 +121,7 @@ def build_discrete_mixture(
         "obs_scale": torch.tensor(obs_scale),
     }
     options = {"num_components": num_components, "num_obs": num_obs, "seed": seed}
-    reference, note = (None, "not loaded (with_reference=False)")
-    if with_reference:
-        reference, note = load_reference("discrete_mixture", options)
+    reference, note = load_reference("discrete_mixture", options, enabled=with_reference)
     return ModelSpec(
         name="discrete_mixture",
         model=discrete_mixture_model,

@@ -34,9 +34,7 @@ def eight_schools_model(y: torch.Tensor, sigma: torch.Tensor) -> None:
 @register("eight_schools")
 def build_eight_schools(with_reference: bool = True) -> ModelSpec:
     y, sigma = torch.tensor(Y), torch.tensor(SIGMA)
-    reference, note = (None, "not loaded (with_reference=False)")
-    if with_reference:
-        reference, note = load_reference("eight_schools", {})
+    reference, note = load_reference("eight_schools", {}, enabled=with_reference)
     return ModelSpec(
         name="eight_schools",
         model=eight_schools_model,

@@ -61,9 +61,7 @@ def build_logistic_regression(prior_scale: float = 1.0, with_reference: bool = T
     d = X.shape[-1]
     kw = {"prior_scale": torch.full((d,), float(prior_scale))}
     ref_options = {"prior_scale": prior_scale}
-    reference, note = (None, "not loaded (with_reference=False)")
-    if with_reference:
-        reference, note = load_reference("logistic_regression", ref_options)
+    reference, note = load_reference("logistic_regression", ref_options, enabled=with_reference)
     return ModelSpec(
         name="logistic_regression",
         model=logistic_model,
@@ -171,9 +169,7 @@ def build_sparse_logistic(laplace_scale: float = 0.25, with_reference: bool = Tr
     b = torch.full((d,), float(laplace_scale))
     kw = {"laplace_scale": b, "intercept_scale": torch.tensor(5.0)}
     ref_options = {"laplace_scale": laplace_scale}
-    reference, note = (None, "not loaded (with_reference=False)")
-    if with_reference:
-        reference, note = load_reference("sparse_logistic", ref_options)
+    reference, note = load_reference("sparse_logistic", ref_options, enabled=with_reference)
     return ModelSpec(
         name="sparse_logistic",
         model=sparse_logistic_model,
