@@ -192,6 +192,10 @@ def log_likelihood(
     return {k: _numpy(v).reshape((chains, ndraws) + tuple(v.shape[1:])) for k, v in out.items()}
 
 
+# ``to_inference_data`` takes a ``log_likelihood`` flag (ArviZ's name), which shadows the function.
+_pointwise_log_likelihood = log_likelihood
+
+
 def _vectorised_log_lik(model, flat, args, kwargs, max_plate_nesting):
     num = next(iter(flat.values())).shape[0]
     dim = -(max_plate_nesting + 1)
@@ -259,7 +263,7 @@ def to_inference_data(
     if log_likelihood:
         if model is None:
             raise ValueError("log_likelihood=True needs the model (pass model=...)")
-        groups["log_likelihood"] = globals()["log_likelihood"](
+        groups["log_likelihood"] = _pointwise_log_likelihood(
             model, posterior, model_args, model_kwargs, max_plate_nesting=max_plate_nesting
         )
     if sample_stats:
