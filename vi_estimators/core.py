@@ -42,9 +42,10 @@ leave-one-out baselines work across them.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pyro
@@ -91,9 +92,12 @@ RAO_BLACKWELLIZE = ("plate", "graph", None)
 # ---------------------------------------------------------------------------------------------
 
 
-def plate_frames(site) -> frozenset:
-    """The vectorised plate frames of a trace site (the particle plate included)."""
-    return frozenset(f for f in site["cond_indep_stack"] if f.vectorized)
+def plate_frames(site) -> tuple:
+    """The vectorised plate frames of a trace site (the particle plate included).
+
+    Frames are compared by ``(name, dim)`` here (one plate per name and dim within a run), not
+    with ``CondIndepStackFrame.__eq__``/``__hash__``, which are costly on the hot path."""
+    return tuple(f for f in site["cond_indep_stack"] if f.dim is not None)
 
 
 def _particle_frame(frames: Iterable[CondIndepStackFrame]) -> CondIndepStackFrame | None:
@@ -101,6 +105,19 @@ def _particle_frame(frames: Iterable[CondIndepStackFrame]) -> CondIndepStackFram
         if f.name == PARTICLE_PLATE:
             return f
     return None
+
+
+def _shares(f: CondIndepStackFrame, frames) -> bool:
+    for g in frames:
+        if f.dim == g.dim and f.name == g.name:
+            return True
+    return False
+
+
+def _broadcast_shape(a, b) -> tuple:
+    n = max(len(a), len(b))
+    a, b = (1,) * (n - len(a)) + tuple(a), (1,) * (n - len(b)) + tuple(b)
+    return tuple(y if x == 1 else x for x, y in zip(a, b))
 
 
 def sum_to_frames(term: torch.Tensor, frames: Iterable[CondIndepStackFrame],
@@ -114,9 +131,9 @@ def sum_to_frames(term: torch.Tensor, frames: Iterable[CondIndepStackFrame],
     kept, so results for different sites broadcast against each other. This is Pyro's
     ``MultiFrameTensor.sum_to`` for one term, with batch dims outside plates summed too.
     """
-    keep = frozenset(keep)
-    ndim = max((-f.dim for f in keep), default=0)
-    kept = {f.dim for f in frames if f in keep}
+    keys = {(f.name, f.dim) for f in keep}
+    ndim = max((-d for _, d in keys), default=0)
+    kept = {f.dim for f in frames if (f.name, f.dim) in keys}
     nd = term.dim()
     sum_dims = [d for d in range(-nd, 0) if d not in kept and term.shape[d] != 1]
     if sum_dims:
@@ -134,24 +151,34 @@ def per_particle(term: torch.Tensor, frames: Iterable[CondIndepStackFrame], name
 
     ``(K,)`` when the site is inside the particle plate (found by its name,
     :data:`PARTICLE_PLATE`), a scalar otherwise. Batch dims left of the particle dim that belong
-    to no plate of the site mean the model does not broadcast over particles: an error.
+    to no plate of the site mean the model does not broadcast over particles: an error. (The
+    special case of :func:`sum_to_frames` that keeps only the particle plate.)
     """
-    frames = tuple(frames)
     pf = _particle_frame(frames)
     if pf is None:
         return term.sum()
-    nd = term.dim()
-    if nd > -pf.dim:
-        plate_dims = {f.dim for f in frames}
-        if any(term.shape[d] != 1 and d not in plate_dims for d in range(-nd, pf.dim)):
-            raise ValueError(
-                f"site {name!r}: log-density of shape {tuple(term.shape)} has batch dims left "
-                f"of the particle dim {pf.dim} that belong to no plate (the model or guide does "
-                "not broadcast over vectorised particles: declare its batch dims with pyro.plate "
-                "or use vectorize_particles=False)"
-            )
-    t = sum_to_frames(term, frames, (pf,)).reshape(-1)
-    return t.expand(pf.size) if t.shape[0] != pf.size else t
+    d, nd = pf.dim, term.dim()
+    if nd < -d:  # broadcast over particles: every particle has the whole term
+        return term.sum().expand(pf.size)
+    if nd == -d and term.shape[0] == pf.size:  # the common case
+        return term.reshape(pf.size, -1).sum(-1) if nd > 1 else term
+    if nd > -d:
+        left = term.shape[:nd + d]
+        if any(s != 1 for s in left):
+            plate_dims = {f.dim for f in frames}
+            if any(term.shape[i] != 1 and i not in plate_dims for i in range(-nd, d)):
+                raise ValueError(
+                    f"site {name!r}: log-density of shape {tuple(term.shape)} has batch dims "
+                    f"left of the particle dim {d} that belong to no plate (the model or guide "
+                    "does not broadcast over vectorised particles: declare its batch dims with "
+                    "pyro.plate or use vectorize_particles=False)"
+                )
+            term = term.sum(tuple(range(nd + d)))
+        else:
+            term = term.reshape(term.shape[nd + d:])
+    if term.dim() > 1:
+        term = term.reshape(term.shape[0], -1).sum(-1)
+    return term.expand(pf.size) if term.shape[0] != pf.size else term
 
 
 def _contract(t: torch.Tensor, alts: list[Alternatives], name: str) -> torch.Tensor:
@@ -210,7 +237,7 @@ class Entry:
     name: str
     sign: float
     term: torch.Tensor
-    frames: frozenset
+    frames: tuple
     total: torch.Tensor  # detached, one value per particle (or a scalar)
     provenance: frozenset = frozenset()
 
@@ -223,23 +250,25 @@ class Score:
     token: int
     score: torch.Tensor
     baseline: Any
-    frames: frozenset
+    frames: tuple
 
 
-@dataclass
 class Frame:
     """One ``sim`` (guide) or ``density`` (model) call in progress, or ``"off"`` (sites pass
-    through untouched, e.g. the inner samples of a marginalised guide)."""
+    through untouched, e.g. the inner samples of a marginalised guide). ``nested``: inside
+    another sim/density, so its terms stay out of the ledger."""
 
-    mode: str
-    trace: Trace | None = None
-    guide_trace: Trace | None = None
-    nested: bool = False  # inside another sim/density: its terms stay out of the ledger
-    alts: list = field(default_factory=list)
-    pending: dict = field(default_factory=dict)
-    tokens: dict = field(default_factory=dict)
-    sites: list = field(default_factory=list)
-    extra: list = field(default_factory=list)
+    __slots__ = ("alts", "extra", "guide_trace", "mode", "nested", "pending", "sites", "tokens",
+                 "trace")
+
+    def __init__(self, mode: str, trace: Trace | None = None, guide_trace: Trace | None = None,
+                 nested: bool = False):
+        self.mode, self.trace, self.guide_trace, self.nested = mode, trace, guide_trace, nested
+        self.alts: list = []
+        self.pending: dict = {}
+        self.tokens: dict = {}
+        self.sites: list = []
+        self.extra: list = []
 
     def add_total(self, value: torch.Tensor, run: Run) -> None:
         """Add a per-particle log-density (e.g. a marginalised guide's ``log q`` estimate) to this
@@ -354,13 +383,19 @@ class Run:
         return est
 
     # -- frames -------------------------------------------------------------------------------
-    @contextmanager
-    def frame(self, mode: str, trace: Trace | None = None, guide_trace: Trace | None = None):
-        nested = any(f.mode in ("sim", "density") for f in self.frames)
-        frame = Frame(mode, trace=trace, guide_trace=guide_trace, nested=nested)
+    def push_frame(self, mode: str, trace: Trace | None = None,
+                   guide_trace: Trace | None = None) -> Frame:
+        """Open a frame (pop it with ``frames.pop()``; :meth:`frame` does both)."""
+        nested = any(f.mode != "off" for f in self.frames)
+        frame = Frame(mode, trace, guide_trace, nested)
         if mode == "density":
             frame.alts = alternatives(guide_trace)
         self.frames.append(frame)
+        return frame
+
+    @contextmanager
+    def frame(self, mode: str, trace: Trace | None = None, guide_trace: Trace | None = None):
+        frame = self.push_frame(mode, trace, guide_trace)
         try:
             yield frame
         finally:
@@ -449,10 +484,10 @@ class Run:
             draw = node.get("estimator_draw")
             score = draw.score if draw is not None else None
             baseline = draw.baseline if draw is not None else None
-            if score is None and _is_score_factor(node):
+            if score is None and node["is_observed"] and _is_score_factor(node):
                 # pyro.factor(..., has_rsample=False) in the guide: Trace_ELBO's score term
                 score, baseline = term, "auto"
-            c = _contract(term, frame.alts, name)
+            c = _contract(term, frame.alts, name) if frame.alts else term
             if score is not None:
                 self._add_score(frame, name, score, baseline, frames)
             token = frame.tokens.get(name)
@@ -546,7 +581,7 @@ class Run:
         for name in frame.sites:
             node = trace.nodes[name]
             frames = plate_frames(node)
-            c = _contract(node["log_prob"], frame.alts, name)
+            c = _contract(node["log_prob"], frame.alts, name) if frame.alts else node["log_prob"]
             prov = frozenset()
             if self.graph:
                 prov = get_provenance(c)
@@ -579,10 +614,10 @@ def _extra_entry(value: torch.Tensor, pf, sign: float, prov: frozenset) -> Entry
     value = detach_provenance(value)
     if pf is None:
         value = value.sum()
-        return Entry("<total>", sign, value, frozenset(), value.detach(), prov)
+        return Entry("<total>", sign, value, (), value.detach(), prov)
     value = value.expand(pf.size)
     shape = (pf.size,) + (1,) * (-pf.dim - 1)
-    return Entry("<total>", sign, value.reshape(shape), frozenset({pf}), value.detach(), prov)
+    return Entry("<total>", sign, value.reshape(shape), (pf,), value.detach(), prov)
 
 
 class RunMessenger(Messenger):
@@ -695,8 +730,7 @@ def _vimco_loo(x: torch.Tensor) -> torch.Tensor:
     m = (x.sum() - x) / (k - 1)
     mat = x.expand(k, k).clone()
     mat.diagonal().copy_(m)
-    return torch.logsumexp(mat, -1) - torch.log(torch.tensor(float(k), dtype=x.dtype,
-                                                             device=x.device))
+    return torch.logsumexp(mat, -1) - math.log(k)
 
 
 def _signals(run: Run, value: torch.Tensor, per: bool, mode) -> list[_Signal]:
@@ -717,13 +751,13 @@ def _signals(run: Run, value: torch.Tensor, per: bool, mode) -> list[_Signal]:
         residual = v - r  # zero for the ELBO: its value is the ledger
         if per:
             residual = residual.reshape((k,) + (1,) * (-pf.dim - 1))
-            res_frames = frozenset({pf})
+            res_frames = (pf,)
         else:
-            res_frames = frozenset()
+            res_frames = ()
     out = []
     for s in run.scores:
         keep = s.frames
-        local = pf is not None and pf in keep
+        local = pf is not None and _shares(pf, keep)
         if decompose:
             sig = sum_to_frames(residual, res_frames, keep)
             for e in run.entries:
@@ -746,8 +780,8 @@ def _signals(run: Run, value: torch.Tensor, per: bool, mode) -> list[_Signal]:
         score = sum_to_frames(s.score, s.frames, keep)
         if not local:
             score, sig = score.unsqueeze(0), sig.reshape((1,) + tuple(sig.shape))
-        sig = sig.expand(torch.broadcast_shapes(sig.shape, score.shape))
-        score = score.expand(sig.shape)
+        shape = _broadcast_shape(sig.shape, score.shape)
+        sig, score = sig.expand(shape), score.expand(shape)
         weight = 1.0 / k if per and local else 1.0
         subsampled = any(f.full_size is not None and f.full_size != f.size for f in keep
                          if f.name != PARTICLE_PLATE)

@@ -96,8 +96,11 @@ def sim(guide: Callable, *args, **kwargs) -> tuple[Trace, torch.Tensor]:
     ``()``.
     """
     run = require_run("sim")
-    with run.frame("sim", trace=Trace()) as frame:
+    frame = run.push_frame("sim", Trace())
+    try:
         guide(*args, **kwargs)
+    finally:
+        run.frames.pop()
     return frame.trace, run.finish_sim(frame, args)
 
 
@@ -111,8 +114,11 @@ def density(model: Callable, trace: Trace, *args, **kwargs) -> torch.Tensor:
     ``infer={"is_auxiliary": True}``. Same shape convention as ``sim``'s ``log_q``.
     """
     run = require_run("density")
-    with run.frame("density", trace=Trace(), guide_trace=trace) as frame:
+    frame = run.push_frame("density", Trace(), trace)
+    try:
         model(*args, **kwargs)
+    finally:
+        run.frames.pop()
     return run.finish_density(frame, args)
 
 
@@ -262,7 +268,7 @@ class Objective(_PyroELBO):
         return run, value
 
     def _check_finite(self, surrogate, runs) -> None:
-        if torch.isfinite(surrogate).all():
+        if math.isfinite(surrogate.item()):  # the surrogate is a scalar (one host sync)
             return
         if runs[0].validate:
             for run in runs:
