@@ -29,8 +29,11 @@ program's value (per particle, or a scalar) and ``rao_blackwellize``:
   semantics do not depend on element ``e``'s draw, so subtracting it never biases the gradient;
   for the ELBO (``F = R``) ``s_e = R_e`` is exactly ``Trace_ELBO``'s ``log_r.sum_to(stack)``;
 * ``"graph"`` (what ``TraceGraph_ELBO`` does): ``R_e`` keeps only the terms that depend on the
-  site in the model/guide dependency graph (Pyro's provenance tracking), at the site's plate
-  elements; terms upstream of the site or in other branches are dropped as well;
+  site in the model/guide dependency graph (Pyro's provenance tracking,
+  :mod:`pyro.ops.provenance`), at the site's plate elements; terms upstream of the site or in
+  other branches are dropped as well. As in Pyro, a dependency carried only by Python control
+  flow on a value (``if z.item() > 0: ...``) is not seen: use ``"plate"`` for such programs. A
+  marginalised guide's ``log q`` estimate counts as depending on every draw before it;
 * ``None``: ``s = F`` per particle (no decomposition).
 
 The decomposition applies when ``F`` is per particle (or the program runs without particles);
