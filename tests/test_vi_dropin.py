@@ -305,3 +305,26 @@ def test_looped_subsample_gradient(subsample):
         assert ((mean - expected).abs() <= 4 * se).all(), name
     print("per-step variance ratio ours / Trace_ELBO:",
           (variances["ELBO"] / variances["Trace_ELBO"]).tolist())
+
+
+# ----------------------------------------------------------------------------- options, baselines
+
+
+def test_baselines_per_plate_element_and_bad_option():
+    """A moving average keeps one value per plate element (a scalar when the plate is
+    subsampled, its elements changing between steps); RLOO leaves out the particle, element by
+    element; a bad ``rao_blackwellize`` is named."""
+    from vi_estimators.baselines import BaselineInfo
+
+    ma = vi.MovingAverage(0.5)
+    signal = torch.tensor([[1.0, 10.0], [3.0, 30.0]])  # (P=2 particles, 2 elements)
+    assert ma("z", signal, BaselineInfo(2)).tolist() == [[0.0, 0.0], [0.0, 0.0]]
+    assert ma("z", signal, BaselineInfo(2)).tolist() == [[2.0, 20.0], [2.0, 20.0]]
+    sub = vi.MovingAverage(0.5)
+    sub("w", signal, BaselineInfo(2, subsampled=True))
+    assert sub("w", signal, BaselineInfo(2, subsampled=True)).tolist() == [[11.0, 11.0]] * 2
+    loo = vi.RLOO()(
+        "z", torch.tensor([[1.0, 10.0], [3.0, 30.0], [5.0, 50.0]]), BaselineInfo(3))
+    assert loo.tolist() == [[4.0, 40.0], [3.0, 30.0], [2.0, 20.0]]
+    with pytest.raises(ValueError, match="rao_blackwellize must be 'plate', 'graph' or None"):
+        vi.ELBO(rao_blackwellize="trace")

@@ -76,6 +76,7 @@ __all__ = [
     "Reparam",
     "SiteContext",
     "SiteDraw",
+    "base_and_reinterpreted",
     "default_estimator",
 ]
 
@@ -170,7 +171,9 @@ class Reinforce(Estimator):
         return f"Reinforce(baseline={self.baseline!r})"
 
 
-def _base_and_reinterpreted(fn):
+def base_and_reinterpreted(fn):
+    """``(base, n)``: the distribution inside Pyro's ``Independent``/expand/mask wrappers and the
+    number of batch dims the ``Independent`` layers reinterpret as event dims."""
     n = 0
     while isinstance(fn, Independent) or type(fn).__name__ in (
         "MaskedDistribution",
@@ -245,7 +248,7 @@ class MVD(Estimator):
     def draw(self, name, fn, ctx):
         if isinstance(fn, MultivariateNormal):
             return self._multivariate(name, fn, ctx)
-        base, _ = _base_and_reinterpreted(fn)
+        base, _ = base_and_reinterpreted(fn)
         if isinstance(base, Normal) and not isinstance(
             fn, torch.distributions.TransformedDistribution
         ):
@@ -280,7 +283,7 @@ class MVD(Estimator):
             loc, tril = fn.loc, fn.scale_tril
             diag = None
         else:
-            base, _ = _base_and_reinterpreted(fn)
+            base, _ = base_and_reinterpreted(fn)
             if len(fn.event_shape) != 1:
                 raise ValueError(
                     f"MVD at site {name!r}: Normal sites need event_dim 0 or 1, got "
