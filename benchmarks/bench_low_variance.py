@@ -18,8 +18,8 @@ import pyro.distributions.transforms as PT
 import torch
 from torch.distributions import constraints
 
+from vi_estimators.flows import FlowPathGradient
 from vi_estimators.objectives import ELBO
-from vi_estimators.path import FlowPathGradient
 from vi_estimators.rejection import RSVI
 
 from .harness import Target, benchmark

@@ -12,15 +12,15 @@ from torch.distributions import constraints
 from torch.distributions import transforms as TT
 
 import models
-from vi_estimators.path import (
+from vi_estimators import flows
+from vi_estimators.flows import (
     FlowPathGradient,
     dropin_stopped_log_prob,
     fast_path_surrogate,
     flow_sample_and_score,
     forward_kl_path_surrogate,
-    register_particle_plate,
-    stopped_log_prob,
 )
+from vi_estimators.path import stopped_log_prob, stopped_trace
 
 PARTICLES = "num_particles_vectorized"
 
@@ -134,18 +134,6 @@ def _dreg_setup(R, D=3, N=5, seed=0):
     return guide, log_joint
 
 
-@pytest.fixture
-def replicates_plate():
-    """Register "replicates" as a particle plate for one test only (the registry is global)."""
-    from vi_estimators.path import PARTICLE_PLATES
-
-    added = "replicates" not in PARTICLE_PLATES
-    register_particle_plate("replicates")
-    yield
-    if added:
-        PARTICLE_PLATES.discard("replicates")
-
-
 def _iwae_grads(K, dreg, R=400):
     """(R, 2D) per-replicate gradients of the IWAE bound w.r.t. (loc, log-scale)."""
     pyro.clear_param_store()
@@ -153,7 +141,8 @@ def _iwae_grads(K, dreg, R=400):
     with pyro.plate("replicates", R, dim=-2), pyro.plate(PARTICLES, K, dim=-1):
         tr = pyro.poutine.trace(guide).get_trace()
         z = tr.nodes["z"]["value"]  # (R, K, D)
-        log_q = stopped_log_prob(guide, tr) if dreg else dist.Normal(
+        # stopped_trace keeps every batch dim (replicates x particles) of each site's log q
+        log_q = stopped_trace(guide, tr).nodes["z"]["log_prob"] if dreg else dist.Normal(
             pyro.param("loc"), pyro.param("scale")).to_event(1).log_prob(z)
     log_w = log_joint(z) - log_q  # (R, K)
     if dreg:  # Tucker et al. (2019), eq. 7: squared normalised weights on the path term
@@ -167,7 +156,7 @@ def _iwae_grads(K, dreg, R=400):
 
 
 @pytest.mark.slow
-def test_dreg_unbiased_and_snr_grows_with_k(replicates_plate):
+def test_dreg_unbiased_and_snr_grows_with_k():
     snr = {}
     for K in [4, 32, 256]:
         g_iwae, g_dreg = _iwae_grads(K, dreg=False), _iwae_grads(K, dreg=True)
@@ -249,14 +238,12 @@ def test_fast_path_equals_dropin_forward_kl(float64):
     d = make()
     flow = TT.ComposeTransform(list(d.transforms))
     x0 = flow.inv(x.clone())
-    from vi_estimators.path import _stopped_flow_call
-
     def pulled_back():
         x0v = x0.view_as(x0)
         y = flow(x0v)
         return (score * y).sum(-1) + flow.log_abs_det_jacobian(x0v, y)
 
-    loss = (_stopped_flow_call(d, pulled_back) - d.base_dist.log_prob(x0)).mean()
+    loss = (flows.stopped_flow_call(d, pulled_back) - d.base_dist.log_prob(x0)).mean()
     g_drop = torch.autograd.grad(loss, params)
     err = _max_rel_diff(g_fast, g_drop)
     print("fast vs drop-in forward-KL path gradient, max rel diff:", err)
@@ -265,9 +252,7 @@ def test_fast_path_equals_dropin_forward_kl(float64):
 
 def test_unsupported_transform_falls_back_with_one_warning(float64):
     make, params = _random_flow(seed=2, unsupported=True)
-    from vi_estimators import path as path_mod
-
-    path_mod._WARNED.discard("Householder")
+    flows._WARNED.discard("Householder")
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
         torch.manual_seed(1)
@@ -376,7 +361,6 @@ def test_elbo_path_gradient_with_flow_autoguide_fast_equals_dropin():
 
     from pyro.infer.autoguide import AutoNormalizingFlow
 
-    from vi_estimators import path as path_mod
     from vi_estimators.objectives import ELBO
 
     spec = models.get("gaussian_conjugate")
@@ -393,7 +377,7 @@ def test_elbo_path_gradient_with_flow_autoguide_fast_equals_dropin():
     elbo.differentiable_loss(spec.model, guide, *spec.args, **spec.kwargs)  # set up params
     params = list(guide.parameters())
     grads, engaged = {}, []
-    original = path_mod._fast_flow_site_log_prob
+    original = flows.fast_flow_site_log_prob
 
     def spy(site):
         out = original(site)
@@ -401,15 +385,15 @@ def test_elbo_path_gradient_with_flow_autoguide_fast_equals_dropin():
         return out
 
     for fast in (True, False):
-        path_mod.USE_FAST_FLOW_PATH = fast
-        path_mod._fast_flow_site_log_prob = spy
+        flows.USE_FAST_FLOW_PATH = fast
+        flows.fast_flow_site_log_prob = spy
         try:
             pyro.set_rng_seed(3)
             loss = elbo.differentiable_loss(spec.model, guide, *spec.args, **spec.kwargs)
             grads[fast] = torch.autograd.grad(loss, params, allow_unused=True)
         finally:
-            path_mod.USE_FAST_FLOW_PATH = True
-            path_mod._fast_flow_site_log_prob = original
+            flows.USE_FAST_FLOW_PATH = True
+            flows.fast_flow_site_log_prob = original
     assert any(engaged)  # the flow site really took the fast path
     for a, b in zip(grads[True], grads[False]):
         if a is None or b is None:

@@ -1,22 +1,29 @@
 """Baselines for score-function terms: zero-mean control variates that never bias the gradient.
 
-A score term of a site contributes ``(signal - b) * grad score`` to the gradient. It stays unbiased
-as long as ``b`` is independent of the draw that produced ``score`` (given everything upstream):
+A score term of a site contributes ``sum_e (s_e - b_e) * grad l_e`` to the gradient, one term per
+plate element ``e`` of the site (particles included; see :mod:`vi_estimators.core` for the
+signals ``s_e``). It stays unbiased as long as ``b_e`` is independent of the draw that produced
+``l_e`` (given everything upstream):
 
 * :class:`Constant` -- a fixed number;
 * :class:`MovingAverage` -- exponentially decaying average of *previous* steps' signals (the
-  current signal is folded in only after it has been used);
+  current signal is folded in only after it has been used), per plate element when the site's
+  plates are not subsampled;
 * :class:`RLOO` -- leave-one-out over particles: for particle ``k`` the mean of the other
-  particles' signals (per-particle objectives), or VIMCO's leave-one-out value when the objective
-  is ``logmeanexp`` over particles (Mnih & Rezende 2016, eq. 9 with the arithmetic mean of the
-  other log-weights replacing ``log w_k``); needs K >= 2;
+  particles' signals at the same plate element (per-particle objectives, vectorised or looped
+  particles), or VIMCO's leave-one-out value when the objective is ``logmeanexp`` over particles
+  (Mnih & Rezende 2016, eq. 9 with the arithmetic mean of the other log-weights replacing
+  ``log w_k``); needs K >= 2;
 * :class:`Learned` -- an ``nn.Module`` of the site's inputs, trained on the squared residual
   ``(signal - b)^2`` through a zero-valued surrogate term.
 
-Protocol: ``baseline(site, signal, info) -> b`` with ``signal`` detached, shape ``(K,)``
-(per-particle) or ``()``; ``b`` broadcastable to it. ``info`` is a :class:`BaselineInfo`.
-A baseline with ``trainable = True`` may return a graph-connected ``b``; the core detaches it
-for the score term and adds ``-((signal - b)^2 - same.detach()).sum()`` to the surrogate.
+Protocol: ``baseline(site, signal, info) -> b`` with ``signal`` detached, of shape
+``(P, *elements)``: ``P`` is the number of particles (``info.num_particles`` when they are
+independent; 1 for a site shared by all particles) and ``elements`` the site's plate shape
+(size-1 dims outside its plates). ``b`` must broadcast to it. ``info`` is a
+:class:`BaselineInfo`. A baseline with ``trainable = True`` may return a graph-connected ``b``;
+the core detaches it for the score term and adds ``-((signal - b)^2 - same.detach()).sum()`` to
+the surrogate.
 """
 
 from __future__ import annotations
@@ -53,14 +60,17 @@ def loo_mean(x: torch.Tensor, dim: int = 0) -> torch.Tensor:
 
 @dataclass
 class BaselineInfo:
-    """What a baseline may use: ``num_particles``; ``loo`` (VIMCO leave-one-out values, shape
-    ``(K,)``, when the objective is a registered ``logmeanexp`` over particles, else ``None``);
-    ``args``/``kwargs`` of the guide (inputs for learned baselines)."""
+    """What a baseline may use: ``num_particles`` (the independent particles along the signal's
+    first dim; 1 when they are not independent); ``loo`` (VIMCO leave-one-out values, broadcast
+    to the signal, when the objective is a registered ``logmeanexp`` over particles, else
+    ``None``); ``args``/``kwargs`` of the guide (inputs for learned baselines); ``subsampled``
+    (a plate of the site is subsampled, so its elements change from step to step)."""
 
     num_particles: int = 1
     loo: torch.Tensor | None = None
     args: tuple = ()
     kwargs: dict = field(default_factory=dict)
+    subsampled: bool = False
 
 
 class Baseline:
@@ -84,7 +94,11 @@ class Constant(Baseline):
 
 
 class MovingAverage(Baseline):
-    """``b_t = decay * b_{t-1} + (1 - decay) * mean(signal_{t-1})`` per site; ``b_0 = 0``."""
+    """``b_t = decay * b_{t-1} + (1 - decay) * mean(signal_{t-1})`` per site; ``b_0 = 0``.
+
+    The mean is over particles, per plate element (the site's plates are the same elements at
+    every step), or over everything when a plate of the site is subsampled or its shape changed.
+    """
 
     def __init__(self, decay: float = 0.9):
         if not 0.0 <= decay < 1.0:
@@ -93,10 +107,15 @@ class MovingAverage(Baseline):
         self.state: dict[str, torch.Tensor] = {}
 
     def __call__(self, site, signal, info):
+        signal = signal.detach()
+        new = signal.mean() if info.subsampled or signal.dim() == 0 else signal.mean(0)
         prev = self.state.get(site)
-        b = torch.zeros_like(signal) if prev is None else prev.expand_as(signal)
-        new = signal.detach().mean()
-        if prev is not None:
+        if prev is None:
+            b = torch.zeros_like(signal)
+        else:
+            if prev.shape != new.shape:
+                prev = prev.mean()  # the element layout changed: restart from the overall mean
+            b = prev.expand_as(signal)
             # a non-finite signal (reported by the objective's check) must not poison the
             # average for every later step: keep the previous value then (no host sync)
             new = torch.where(torch.isfinite(new), self.decay * prev + (1 - self.decay) * new,
@@ -113,19 +132,13 @@ class RLOO(Baseline):
 
     def __call__(self, site, signal, info):
         k = info.num_particles
-        if k < 2:
+        if k < 2 or signal.dim() == 0 or signal.shape[0] < 2:
             raise ValueError(
                 f"RLOO baseline at site {site!r} needs num_particles >= 2 (got {k}); use "
                 "MovingAverage() for a single particle"
             )
         if info.loo is not None:
             return info.loo
-        if signal.dim() == 0:
-            raise ValueError(
-                f"RLOO baseline at site {site!r}: the objective returned a scalar that is not a "
-                "logmeanexp over particles, so per-particle signals are unknown; return the "
-                "per-particle estimates (shape (K,)) or use MovingAverage()"
-            )
         return loo_mean(signal, 0)
 
     def __repr__(self) -> str:
@@ -159,15 +172,18 @@ class Learned(Baseline):
                     self.module)
         x = self.inputs(info.args, info.kwargs) if self.inputs is not None else info.args
         b = self.module(*x)
-        # one value per particle (any shape holding K numbers, e.g. a Linear's (K, 1)) or one
-        # value shared by all particles
+        # one value per particle and element, one per particle (any shape holding P numbers,
+        # e.g. a Linear's (P, 1)) or one value shared by all
         if b.numel() == signal.numel():
             return b.reshape(signal.shape)
         if b.numel() == 1:
             return b.reshape(()).expand_as(signal)
+        if signal.dim() and b.numel() == signal.shape[0]:
+            return b.reshape((signal.shape[0],) + (1,) * (signal.dim() - 1)).expand_as(signal)
         raise ValueError(
             f"Learned baseline at site {site!r}: the module returned shape {tuple(b.shape)}; "
-            f"expected one value or one per particle ({signal.numel()})"
+            f"expected one value, one per particle ({signal.shape[0] if signal.dim() else 1}) "
+            f"or one per particle and element ({signal.numel()})"
         )
 
     def __repr__(self) -> str:

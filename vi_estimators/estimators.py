@@ -15,13 +15,17 @@ broadcast it. The returned :class:`SiteDraw` tells the core:
 * ``value`` -- the site's value. Autograd through ``value`` is the *pathwise* part of the gradient
   (a reparameterised draw keeps its graph; a score-function draw is detached).
 * ``score`` -- optional tensor with (a shape broadcastable to) ``fn.batch_shape``: a log-density
-  whose gradient multiplies the downstream signal. The core adds the DiCE-style term
+  whose gradient multiplies the downstream signal. The core adds, per plate element ``e`` of the
+  site (particles included), the DiCE-style term
 
-      (signal - baseline).detach() * (score - score.detach())
+      (signal_e - baseline_e).detach() * (score_e - score_e.detach())
 
-  to the surrogate (value 0, gradient ``(signal - b) * grad score``). ``score`` is summed over every
-  non-particle dim first, so it is one number per particle. Reinforce returns ``log q(value)``;
-  RSVI returns ``log pi(eps; theta)`` of the accepted proposal noise (its g_cor term).
+  to the surrogate (value 0, gradient ``(signal_e - b_e) * grad score_e``); batch dims outside
+  the site's plates are summed first. The signal of an element is Rao-Blackwellised by plates or
+  by the dependency graph (:mod:`vi_estimators.core`). Reinforce returns ``log q(value)`` (the same
+  tensor as its ``log_prob``: objectives linear in log q then drop that log q's zero-mean explicit
+  gradient, as ``Trace_ELBO`` does); RSVI returns ``log pi(eps; theta)`` of the accepted proposal
+  noise (its g_cor term).
 * ``baseline`` -- the :class:`~vi_estimators.baselines.Baseline` for that score term, ``"auto"``
   (RLOO when the objective has K > 1 particles, a moving average when K = 1) or ``None`` (none).
 * ``log_prob`` -- optional precomputed, *unscaled* ``fn.log_prob(value)`` (saves a second
@@ -72,6 +76,7 @@ __all__ = [
     "Reparam",
     "SiteContext",
     "SiteDraw",
+    "base_and_reinterpreted",
     "default_estimator",
 ]
 
@@ -166,7 +171,9 @@ class Reinforce(Estimator):
         return f"Reinforce(baseline={self.baseline!r})"
 
 
-def _base_and_reinterpreted(fn):
+def base_and_reinterpreted(fn):
+    """``(base, n)``: the distribution inside Pyro's ``Independent``/expand/mask wrappers and the
+    number of batch dims the ``Independent`` layers reinterpret as event dims."""
     n = 0
     while isinstance(fn, Independent) or type(fn).__name__ in (
         "MaskedDistribution",
@@ -241,7 +248,7 @@ class MVD(Estimator):
     def draw(self, name, fn, ctx):
         if isinstance(fn, MultivariateNormal):
             return self._multivariate(name, fn, ctx)
-        base, _ = _base_and_reinterpreted(fn)
+        base, _ = base_and_reinterpreted(fn)
         if isinstance(base, Normal) and not isinstance(
             fn, torch.distributions.TransformedDistribution
         ):
@@ -276,7 +283,7 @@ class MVD(Estimator):
             loc, tril = fn.loc, fn.scale_tril
             diag = None
         else:
-            base, _ = _base_and_reinterpreted(fn)
+            base, _ = base_and_reinterpreted(fn)
             if len(fn.event_shape) != 1:
                 raise ValueError(
                     f"MVD at site {name!r}: Normal sites need event_dim 0 or 1, got "

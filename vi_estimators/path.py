@@ -1,152 +1,61 @@
-"""Path gradients: log q at stopped parameters (STL, DReG) and fast path gradients for flows.
+"""Path gradients: log q at stopped parameters, sticking the landing (STL) and DReG.
 
-Interface with the core (``program.py`` / ``objectives.py``)
------------------------------------------------------------
-``stopped_log_prob(guide, guide_trace, *args, **kwargs) -> log_q`` is what the objectives call
-when ``path_gradient=True``: it re-evaluates the guide's log-density at the values recorded in
-``guide_trace`` with every guide parameter *detached*, while the values stay attached to the graph.
-Its gradient is therefore the path (pathwise) part only:
+``stopped_log_prob(guide, guide_trace, *args, **kwargs) -> log_q`` re-evaluates the guide's
+log-density at the values recorded in ``guide_trace`` with every guide parameter *detached*
+(:mod:`vi_estimators.stopping`), while the values stay attached to the graph. Its gradient is
+therefore the path (pathwise) part only:
 
     d/dphi log q(z(phi); stop(phi)) = (d log q / dz) (dz / dphi),
 
 which is the "sticking the landing" estimator of Roeder et al. (2017) when used in the ELBO, and
-the ingredient of DReG (Tucker et al. 2019, eq. 5-7) in IWAE/RWS.
+the ingredient of DReG (Tucker et al. 2019, eq. 5-7) in IWAE/RWS. Flow sites whose sampling pass
+is still in the transforms' caches (as right after ``sim``) take the fast, inverse-free path of
+:mod:`vi_estimators.flows` automatically; any other site falls back to the re-evaluation.
 
-Shape convention: the result has the *particle batch shape*: every dim of a site's log-prob that
-belongs to a plate of the site is summed, except the plates named in :data:`PARTICLE_PLATES`
-(Pyro's ``"num_particles_vectorized"`` and whatever the core registers with
-:func:`register_particle_plate`); dims that belong to no plate (left-over batch dims) are kept.
-So a guide run without particles gives a scalar, one under K vectorised particles gives ``(K,)``.
+Shape convention: one value per particle (the dim of the plate ``"num_particles_vectorized"``
+is kept, every other dim summed; :func:`vi_estimators.core.per_particle`). For other batch
+layouts use :func:`stopped_trace`, which returns every site's stopped log-density unreduced.
 Site scales (``poutine.scale``, subsampling) and masks are applied as in Pyro's traces.
 
-Flow sites (``TransformedDistribution`` of supported, unconditional transforms whose sampling
-pass is still in the transforms' caches, as right after ``sim``) take the fast path inside
-``stopped_log_prob`` automatically; any other site, or a cache miss, falls back to the drop-in
-re-evaluation (an inverse pass) — same gradient, more work.
+Inside objective programs (:mod:`vi_estimators.objectives`):
 
-The second half of this module is the fast flow path gradient (Vaitl et al., ICLR 2024):
-:func:`flow_sample_and_score` propagates ``(x, log q(x), d log q / dx)`` forward through a chain
-of transforms, so the path gradient needs no inverse pass; :func:`fast_path_surrogate` (reverse
-KL) and :func:`forward_kl_path_surrogate` (maximum likelihood) build scalar surrogates whose
-``.backward()`` gives those gradients.
+* STL (``ELBO(path_gradient=True)``): ``log_p - stopped_log_prob(...)``;
+* DReG (``IWELBO``/``RWS(path_gradient=True)``, :func:`dreg_surrogate`): the guide gradient
+  ``sum_k c(w~)_k d log w_k / dz_k dz_k / dphi`` with ``c(w~) = w~^2`` (IWELBO, eq. 7) or
+  ``w~ - w~^2`` (RWS wake-phi, eq. 8), the model gradient ``sum_k w~_k grad_theta log p``. The
+  ``d log w_k / dz_k`` are *partial* derivatives per site, evaluated at detached leaf copies of
+  the draws (:func:`leaf_log_weights`), then chained through the attached draws
+  (:func:`path_term`), so hierarchical guides are not double counted.
 """
 
 from __future__ import annotations
 
-import warnings
 import weakref
 from collections.abc import Callable
 
 import pyro
 import torch
 from pyro.distributions.util import scale_and_mask
-from pyro.nn.module import PyroModule
-from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
-from torch.distributions import transforms as T
+
+from . import flows
+from .core import per_particle, plate_frames
+from .program import density, logmeanexp, particles, sim
+from .stopping import StopParamMessenger, with_stopped_params
 
 __all__ = [
-    "PARTICLE_PLATES",
-    "USE_FAST_FLOW_PATH",
-    "FlowPathGradient",
-    "StopParamMessenger",
-    "dropin_stopped_log_prob",
-    "fast_path_surrogate",
-    "flow_sample_and_score",
-    "forward_kl_path_surrogate",
-    "register_particle_plate",
+    "check_reparameterized",
+    "dreg_surrogate",
+    "leaf_log_weights",
+    "path_term",
     "stopped_log_prob",
     "stopped_trace",
-    "supported_flow_transforms",
 ]
 
-#: Plate names whose dims are *particle* dims (kept, not summed, by :func:`stopped_log_prob`).
-PARTICLE_PLATES: set[str] = {"num_particles_vectorized"}
-
-
-def register_particle_plate(name: str) -> None:
-    """Declare that a plate called ``name`` vectorises particles (its dim is kept in log q)."""
-    PARTICLE_PLATES.add(name)
-
 
 # ---------------------------------------------------------------------------------------------
-# Stopped parameters
+# Stopped log q
 # ---------------------------------------------------------------------------------------------
-
-
-class _DetachedUnconstrained:
-    """Stand-in for the ``.unconstrained`` weakref of a constrained param: returns the detached
-    unconstrained tensor (a weakref would die with the temporary)."""
-
-    def __init__(self, value: torch.Tensor):
-        self.value = value
-
-    def __call__(self) -> torch.Tensor:
-        return self.value
-
-
-class StopParamMessenger(Messenger):
-    """Detaches the value of every ``pyro.param`` statement (including PyroModule ``PyroParam``s).
-
-    The constrained value is detached; ``value.unconstrained()`` keeps working and returns the
-    detached unconstrained tensor. Subsampled params (``event_dim`` inside a subsampled plate) are
-    indexed by the plate as usual; the indices come from the replayed trace.
-    """
-
-    def _pyro_post_param(self, msg) -> None:
-        value = msg["value"]
-        if not isinstance(value, torch.Tensor) or not value.requires_grad:
-            return
-        detached = value.detach()
-        unconstrained = getattr(value, "unconstrained", None)
-        if unconstrained is not None:
-            raw = unconstrained()
-            if raw is not None:
-                detached.unconstrained = _DetachedUnconstrained(raw.detach())
-        msg["value"] = detached
-
-
-def _module_params_to_stop(
-    module: torch.nn.Module, pyro_params: bool = False
-) -> dict[str, torch.Tensor]:
-    """Detached copies of the module's plain ``nn.Parameter``s, for ``functional_call``.
-
-    ``PyroParam`` storage (``<name>_unconstrained`` of a ``PyroModule``) is skipped unless
-    ``pyro_params``: inside a guide it is read through ``pyro.param`` (handled by
-    :class:`StopParamMessenger`), and swapping it would fight PyroModule's param-store
-    synchronisation.
-    """
-    stopped, detached = {}, {}
-    for mod_name, mod in module.named_modules():
-        pyro_names = mod.__dict__.get("_pyro_params", {}) \
-            if isinstance(mod, PyroModule) and not pyro_params else {}
-        for p_name, p in mod._parameters.items():
-            if p is None:
-                continue
-            if p_name.endswith("_unconstrained") and \
-                    p_name[: -len("_unconstrained")] in pyro_names:
-                continue
-            # Tied aliases (e.g. an autoguide's _prototype_tensor) get the very same tensor.
-            if id(p) not in detached:
-                detached[id(p)] = p.detach()
-            full = f"{mod_name}.{p_name}" if mod_name else p_name
-            stopped[full] = detached[id(p)]
-    return stopped
-
-
-class _StoppedRunner(torch.nn.Module):
-    """Runs ``fn(guide)`` with the guide's nn.Parameters swapped for detached copies.
-
-    Everything that reads the parameters (the guide *and* the lazy ``log_prob`` of distributions
-    holding transform modules) must run inside ``functional_call``, hence this wrapper.
-    """
-
-    def __init__(self, guide: torch.nn.Module):
-        super().__init__()
-        self.guide = guide
-
-    def forward(self, fn):
-        return fn(self.guide)
 
 
 def _fresh_values(guide_trace):
@@ -163,20 +72,6 @@ def _fresh_values(guide_trace):
                 tr.nodes[name] = dict(site, value=value.view_as(value))
     return tr
 
-
-def _with_stopped_params(guide: Callable, fn: Callable, pyro_params: bool = False):
-    """Evaluate ``fn(guide)`` with the guide module's nn.Parameters detached (``fn`` applies
-    :class:`StopParamMessenger` for ``pyro.param`` statements itself; ``pyro_params=True``
-    detaches PyroParam storage too, for code that does not read it through ``pyro.param``)."""
-    if isinstance(guide, torch.nn.Module):
-        runner = _StoppedRunner(guide)
-        stopped = {f"guide.{k}": v
-                   for k, v in _module_params_to_stop(guide, pyro_params).items()}
-        with warnings.catch_warnings():
-            # pyro.module warns about the (detached) parameters not requiring grad.
-            warnings.filterwarnings("ignore", message=".*was not registered in the param store")
-            return torch.func.functional_call(runner, stopped, (fn,), strict=False)
-    return fn(guide)
 
 
 def stopped_trace(
@@ -206,7 +101,7 @@ def stopped_trace(
                 site["log_prob"] = _site_log_prob(site)
         return tr
 
-    return _with_stopped_params(guide, run)
+    return with_stopped_params(guide, run)
 
 
 def _site_log_prob(site) -> torch.Tensor:
@@ -220,38 +115,6 @@ def _site_log_prob(site) -> torch.Tensor:
             "guide"
         ) from e
     return scale_and_mask(log_p, site["scale"], site["mask"])
-
-
-def _plate_nesting(trace) -> int:
-    """How many non-particle plate dims the trace uses (its max plate nesting)."""
-    n = 0
-    for site in trace.nodes.values():
-        for frame in site.get("cond_indep_stack", ()):
-            if frame.vectorized and frame.dim is not None and frame.name not in PARTICLE_PLATES:
-                n = max(n, -frame.dim)
-    return n
-
-
-def _reduce_site(site, log_p: torch.Tensor, nesting: int) -> torch.Tensor:
-    """Sum a site's log-prob to the particle batch shape.
-
-    With particle plates on the site, exactly their dims are kept; otherwise the dims left of the
-    trace's ``nesting`` plate dims are kept (plate-less vectorisation) and the rest are summed.
-    """
-    if not isinstance(log_p, torch.Tensor) or log_p.dim() == 0:
-        return log_p
-    nd = log_p.dim()
-    particle = sorted(
-        f.dim for f in site["cond_indep_stack"]
-        if f.vectorized and f.dim is not None and f.name in PARTICLE_PLATES
-    )
-    if particle:
-        keep = {nd + d for d in particle if nd + d >= 0}
-    else:
-        keep = set(range(max(nd - nesting, 0)))
-    sum_dims = [i for i in range(nd) if i not in keep]
-    return log_p.sum(dim=sum_dims) if sum_dims else log_p
-
 
 _CHECKED_GUIDES: weakref.WeakSet = weakref.WeakSet()
 
@@ -317,6 +180,7 @@ def _check_stoppable(guide, guide_trace, args, kwargs) -> None:
         pass
 
 
+
 def stopped_log_prob(guide: Callable, guide_trace: pyro.poutine.Trace, *args, **kwargs):
     """log q of the values in ``guide_trace`` with every guide parameter stopped (detached).
 
@@ -327,12 +191,14 @@ def stopped_log_prob(guide: Callable, guide_trace: pyro.poutine.Trace, *args, **
         *args, **kwargs: the guide's arguments (the same as when it was traced).
 
     Returns:
-        ``log_q`` with the particle batch shape (see the module docstring): the sum over the
-        guide's latent sample sites of ``scale * mask * log q(value; stop(params))``. Its gradient
+        ``log_q`` per particle (``(K,)`` for sites in the particle plate
+        ``"num_particles_vectorized"``, else a scalar): the sum over the guide's latent sample
+        sites of ``scale * mask * log q(value; stop(params))``. Its gradient
         flows through the sampled values only. Observed and subsample sites are skipped.
 
     Raises:
-        ValueError: if a site's log-density cannot be evaluated (no ``log_prob``), or, when Pyro
+        ValueError: if a site's log-density cannot be evaluated (no ``log_prob``), if a site is
+            estimated by Enumerate/MVD alternatives, or, when Pyro
             validation is enabled (checked once per guide), if log q still depends on a guide
             parameter after stopping (a parameter that neither ``pyro.param`` nor the guide
             module exposes).
@@ -340,12 +206,19 @@ def stopped_log_prob(guide: Callable, guide_trace: pyro.poutine.Trace, *args, **
     # Flow sites whose sampling pass is still in the transforms' caches get the fast path
     # gradient (no inverse pass); everything else is re-evaluated at stopped parameters. (Done
     # before the validation check, whose re-run overwrites those caches.)
+    for name, site in guide_trace.nodes.items():
+        draw = site.get("estimator_draw")
+        if draw is not None and draw.alt is not None:
+            raise ValueError(
+                f"path gradient: site {name!r} is estimated by alternatives (Enumerate/MVD); "
+                "path_gradient=True cannot be combined with Enumerate/MVD sites"
+            )
     fast = {}
-    if USE_FAST_FLOW_PATH:
+    if flows.USE_FAST_FLOW_PATH:
         for name, site in guide_trace.nodes.items():
             if site["type"] == "sample" and not site["is_observed"] and \
                     not site_is_subsample(site):
-                lp = _fast_flow_site_log_prob(site)
+                lp = flows.fast_flow_site_log_prob(site)
                 if lp is not None:
                     fast[name] = lp
     if pyro.poutine.util.is_validation_enabled():
@@ -353,425 +226,80 @@ def stopped_log_prob(guide: Callable, guide_trace: pyro.poutine.Trace, *args, **
     tr = stopped_trace(guide, guide_trace, *args, _skip=frozenset(fast), **kwargs)
     # Plate structure (particle plate included) comes from the original trace: the re-run is
     # blocked from outer plates.
-    nesting = _plate_nesting(guide_trace)
     total = 0.0
     for name, site in tr.nodes.items():
         if site["type"] != "sample" or site["is_observed"] or site_is_subsample(site):
             continue
-        frames = guide_trace.nodes.get(name, site)
+        frames = plate_frames(guide_trace.nodes.get(name, site))
         log_p = fast[name] if name in fast else site["log_prob"]
-        total = total + _reduce_site(frames, log_p, nesting)
+        total = total + per_particle(log_p, frames, name)
     if not isinstance(total, torch.Tensor):
         raise TypeError("path_gradient: the guide has no latent sample sites")
     return total
 
 
 # ---------------------------------------------------------------------------------------------
-# Fast path gradients for normalising flows (Vaitl et al., ICLR 2024)
+# STL and DReG inside objective programs
 # ---------------------------------------------------------------------------------------------
-#
-# For x_{l+1} = T_l(x_l) and log q_{l+1}(x_{l+1}) = log q_l(x_l) - log|det J_l(x_l)|, the score
-# of the flow density follows the *forward* recursion (Vaitl et al. 2024, sec. 3, eq. 9)
-#
-#     s_{l+1} = J_l(x_l)^{-T} (s_l - grad_x log|det J_l(x_l)|),     s_0 = grad log q_0(x_0),
-#
-# computed alongside sampling, so the path gradient (s_L - grad log p(x_L))^T dx_L/dtheta needs no
-# inverse pass. J^{-T} is cheap for the layers below: diagonal (elementwise), a permutation, or
-# block-triangular with a diagonal block (coupling layers):
-#     J = [[K, 0], [A, D]]  =>  w_b = u_b / D,  w_a = (u_a - A^T w_b) / K,
-# where A^T w_b is one vector-Jacobian product through the conditioner network (w.r.t. its input
-# only). Affine autoregressive layers solve the triangular system by Jacobi sweeps (exact after at
-# most d sweeps of one VJP each). Scores carry no graph: they are stopped-parameter quantities.
-#
-# The forward-KL (maximum-likelihood) path gradient (Vaitl et al. 2024, sec. 4) is
-#     grad KL(p || q_theta) = E_p[(grad_{x0} log p0(x0) - grad log q_0(x0))^T dx0/dtheta],
-# with x0 = T^{-1}(x), p0 the target pulled back to the base space, and its score given by the
-# backward recursion v_l = J_l^T v_{l+1} + grad log|det J_l(x_l)|, v_L = grad log p(x): VJPs only.
 
 
-def _elementwise_types() -> tuple[type, ...]:
-    types = [T.ExpTransform, T.AffineTransform, T.SigmoidTransform, T.TanhTransform,
-             T.PowerTransform, T.SoftplusTransform]
-    try:
-        from pyro.distributions.transforms import SoftplusTransform as PyroSoftplus
-
-        types.append(PyroSoftplus)
-    except ImportError:  # pragma: no cover
-        pass
-    return tuple(types)
-
-
-def supported_flow_transforms() -> tuple[str, ...]:
-    """Names of the transform classes with a fast (inverse-free) path-gradient rule."""
-    names = [t.__name__ for t in _elementwise_types()]
-    names += ["AffineCoupling", "SplineCoupling", "AffineAutoregressive", "Permute",
-              "ComposeTransform", "ComposeTransformModule", "IndependentTransform"]
-    return tuple(dict.fromkeys(names))
+def check_reparameterized(trace, what: str) -> None:
+    """Raise unless every latent site of a ``sim`` trace was drawn pathwise (no score term, no
+    alternatives): DReG's identities need reparameterised draws everywhere."""
+    for name, site in trace.nodes.items():
+        draw = site.get("estimator_draw")
+        if draw is not None and (draw.score is not None or draw.alt is not None):
+            raise ValueError(
+                f"{what}: site {name!r} is not reparameterised (its estimator adds a score term "
+                "or alternatives); DReG needs pathwise (Reparam) draws at every latent site"
+            )
 
 
-def _flatten_transforms(transforms) -> list:
-    out = []
-    for t in transforms:
-        if isinstance(t, T.ComposeTransform):  # includes ComposeTransformModule
-            out.extend(_flatten_transforms(t.parts))
-        elif isinstance(t, T.IndependentTransform):
-            out.extend(_flatten_transforms([t.base_transform]))
-        else:
-            out.append(t)
-    return out
+def leaf_log_weights(model, guide, trace, args, kwargs):
+    """``(log_p, log_w, pairs)``: log p and log w per particle at detached leaf copies of the
+    draws of ``trace`` (model parameters attached, guide parameters stopped), and the
+    ``(leaf, attached value)`` pairs of the draws that carry a gradient."""
+    leaf_trace = trace.copy()
+    pairs = []
+    for name, site in trace.nodes.items():
+        if site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site):
+            value = site["value"]
+            leaf = value.detach().requires_grad_(value.requires_grad)
+            leaf_trace.nodes[name] = dict(site, value=leaf)
+            if value.requires_grad:
+                pairs.append((leaf, value))
+    with particles():  # re-enter the particle plate: the model and guide run again
+        log_p = density(model, leaf_trace, *args, **kwargs)
+        log_q = stopped_log_prob(guide, leaf_trace, *args, **kwargs)
+    return log_p, log_p - log_q, pairs
 
 
-def _layer_kind(t) -> str | None:
-    from pyro.distributions.transforms import (
-        AffineAutoregressive,
-        AffineCoupling,
-        Permute,
-        SplineCoupling,
-    )
-
-    if isinstance(t, AffineCoupling):
-        return "affine_coupling" if t.dim == -1 else None
-    if isinstance(t, SplineCoupling):
-        return "spline_coupling"
-    if isinstance(t, AffineAutoregressive):
-        return "affine_autoregressive"
-    if isinstance(t, Permute):
-        return "permute" if t.dim == -1 else None
-    if isinstance(t, _elementwise_types()):
-        return "elementwise"
-    if isinstance(t, T._InverseTransform) and isinstance(t._inv, _elementwise_types()):
-        return "elementwise"
-    return None
+def path_term(log_w: torch.Tensor, coef: torch.Tensor, pairs) -> torch.Tensor | float:
+    """Zero-valued term with gradient ``sum_k coef_k * d log w_k / dz_k * dz_k / dphi``."""
+    if not pairs:
+        return 0.0
+    leaves = [p[0] for p in pairs]
+    grads = torch.autograd.grad(log_w, leaves, grad_outputs=coef.detach(), retain_graph=True,
+                                allow_unused=True)
+    term = 0.0
+    for g, (_, value) in zip(grads, pairs):
+        if g is not None:
+            term = term + (g.detach() * value).sum()
+    return term - term.detach() if isinstance(term, torch.Tensor) else 0.0
 
 
-def _vjp(output: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    (g,) = torch.autograd.grad(output, x, retain_graph=True, allow_unused=True)
-    return torch.zeros_like(x) if g is None else g
-
-
-def _score_step(t, kind: str, x: torch.Tensor, y: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """One step of the forward score recursion: ``s_y = J^{-T} (s_x - grad_x log|det J|)``.
-
-    ``x`` must require grad and ``y = t(x)`` must have been computed from it (its graph is reused).
-    """
-    if kind == "permute":
-        return s.index_select(-1, t.permutation)
-    if kind == "elementwise":
-        ladj = t.log_abs_det_jacobian(x, y)
-        dydx = _vjp(y.sum(), x)
-        g_ladj = _vjp(ladj.sum(), x) if ladj.requires_grad else torch.zeros_like(x)
-        return (s - g_ladj) / dydx
-    if kind == "affine_coupling":
-        k = t.split_dim
-        log_scale = t._cached_log_scale
-        w_b = s[..., k:] * torch.exp(-log_scale.detach())
-        # d/dx_a [sum log_scale + y_b . w_b] = grad_a log|det J| + A^T w_b (one VJP)
-        g = _vjp(log_scale.sum() + (y[..., k:] * w_b).sum(), x)
-        return torch.cat([s[..., :k] - g[..., :k], w_b], dim=-1)
-    if kind == "spline_coupling":
-        k = t.split_dim
-        ld = t._cache_log_detJ  # elementwise log-derivatives: [upper (x_b) | lower (x_a)]
-        nb = y.size(-1) - k
-        ld_b = ld[..., :nb]
-        ld_a = ld[..., nb:] if not t.identity else None
-        u = s - _vjp(ld.sum(), x)
-        w_b = u[..., k:] * torch.exp(-ld_b.detach())
-        at_w = _vjp((y[..., k:] * w_b).sum(), x)[..., :k]
-        w_a = u[..., :k] - at_w
-        if ld_a is not None:
-            w_a = w_a * torch.exp(-ld_a.detach())
-        return torch.cat([w_a, w_b], dim=-1)
-    if kind == "affine_autoregressive":
-        log_scale = t._cached_log_scale
-        if log_scale is None:  # sigmoid-stable variant caches differently: recompute generically
-            raise NotImplementedError
-        inv_d = torch.exp(-log_scale.detach())
-        u = s - _vjp(log_scale.sum(), x)
-        # J = D + A (A strictly triangular in the autoregressive order): Jacobi sweeps
-        # w <- w + D^{-1} (u - J^T w) converge exactly in at most d sweeps.
-        w = u * inv_d
-        for _ in range(x.size(-1)):
-            jt_w = _vjp((y * w).sum(), x)
-            w_new = w + (u - jt_w) * inv_d
-            done = bool(((w_new - w).abs() <= 1e-12 * w_new.abs().clamp_min(1.0)).all())
-            w = w_new
-            if done:
-                break
-        return w
-    raise NotImplementedError(kind)
-
-
-_WARNED: set[str] = set()
-
-
-def _warn_once(name: str) -> None:
-    if name not in _WARNED:
-        _WARNED.add(name)
-        warnings.warn(
-            f"fast path gradient: transform {name} has no inverse-free score rule; falling back "
-            "to the drop-in (inverse-based) path gradient for flows containing it. Supported: "
-            + ", ".join(supported_flow_transforms()),
-            stacklevel=3,
-        )
-
-
-def _flow_parts(d: torch.distributions.Distribution):
-    """(base, flat transforms, event reinterpretation of the base) of a TransformedDistribution."""
-    if not isinstance(d, torch.distributions.TransformedDistribution):
-        raise TypeError(
-            f"expected a TransformedDistribution (a normalising flow), got {type(d).__name__}"
-        )
-    return d.base_dist, _flatten_transforms(d.transforms)
-
-
-def _unsupported(transforms) -> list[str]:
-    return [type(t).__name__ for t in transforms if _layer_kind(t) is None]
-
-
-def _base_score(base, x0: torch.Tensor) -> torch.Tensor:
-    """grad_x log q_0(x) (x only; base parameters do not matter for the score's value)."""
-    with torch.enable_grad():
-        x = x0.detach().requires_grad_(True)
-        (g,) = torch.autograd.grad(base.log_prob(x).sum(), x)
-    return g
-
-
-def _transform_modules(transforms) -> torch.nn.ModuleList:
-    return torch.nn.ModuleList([t for t in transforms if isinstance(t, torch.nn.Module)])
-
-
-def _stopped_flow_call(d, fn):
-    """Evaluate ``fn()`` with the parameters of every transform module of ``d`` detached."""
-    mods = _transform_modules(_flatten_transforms(d.transforms))
-    return _with_stopped_params(mods, lambda _mods: fn(), pyro_params=True)
-
-
-def dropin_stopped_log_prob(d, x: torch.Tensor) -> torch.Tensor:
-    """The drop-in path-gradient ingredient: ``log q_{stop(theta)}(x)`` via the inverse pass.
-
-    Gradient flows through ``x`` only (transform parameters detached; a fresh view of ``x``
-    defeats the transforms' ``y -> x`` caches so the inverse is really recomputed).
-    """
-    return _stopped_flow_call(d, lambda: d.log_prob(x.view_as(x)))
-
-
-def flow_sample_and_score(
-    d: torch.distributions.TransformedDistribution, sample_shape: tuple = ()
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Sample a flow and compute ``grad_x log q_{stop(theta)}(x)`` by the forward recursion.
-
-    Returns ``(x, log_q, score)``: ``x`` is the reparameterised sample (attached to the flow's
-    parameters), ``log_q`` its log-density (attached, as from the forward log-det terms) and
-    ``score`` the detached score at stopped parameters. Transforms without a fast rule trigger a
-    one-time warning naming them and the score is computed by the drop-in inverse pass.
-    """
-    base, transforms = _flow_parts(d)
-    x = base.rsample(sample_shape)
-    bad = _unsupported(transforms)
-    fast = not bad
-    if bad:
-        for name in bad:
-            _warn_once(name)
-    with torch.enable_grad():
-        if not x.requires_grad:
-            x = x.detach().requires_grad_(True)
-        log_q = base.log_prob(x)
-        s = _base_score(base, x) if fast else None
-        event_dim = len(d.event_shape)
-        for t in transforms:
-            y = t(x)
-            ladj = t.log_abs_det_jacobian(x, y)
-            extra = event_dim - t.codomain.event_dim
-            if extra > 0 and ladj.dim() >= extra:
-                ladj = ladj.sum(tuple(range(-extra, 0)))
-            log_q = log_q - ladj
-            if fast:
-                try:
-                    s = _score_step(t, _layer_kind(t), x, y, s)
-                except NotImplementedError:
-                    _warn_once(type(t).__name__)
-                    fast = False
-            x = y
-    if not fast:
-        with torch.enable_grad():
-            xv = x.detach().requires_grad_(True)
-            try:
-                lq_stop = dropin_stopped_log_prob(d, xv)
-            except (KeyError, NotImplementedError) as e:
-                raise ValueError(
-                    "path gradient: the flow's log-density cannot be evaluated at stopped "
-                    f"parameters (no inverse for {', '.join(bad) or 'a transform'}: {e}); use a "
-                    "standard reparameterised gradient for this guide"
-                ) from e
-            (s,) = torch.autograd.grad(lq_stop.sum(), xv)
-    return x, log_q, s.detach()
-
-
-def fast_path_surrogate(
-    d: torch.distributions.TransformedDistribution,
-    log_p: Callable[[torch.Tensor], torch.Tensor],
-    sample_shape: tuple = (),
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reverse-KL path-gradient surrogate for a flow ``q`` and target log-density ``log_p``.
-
-    Returns ``(loss, x)``: ``loss`` has the value of the Monte-Carlo estimate of
-    ``KL(q || p) = E_q[log q - log p]`` (batch mean) and its gradient is the path gradient
-    ``E[(grad log q_{stop}(x) - grad log p(x))^T dx/dtheta]`` with the score from
-    :func:`flow_sample_and_score` (no inverse pass).
-    """
-    x, log_q, score = flow_sample_and_score(d, sample_shape)
-    lp = log_p(x)
-    path = (score * x).sum(-1) if len(d.event_shape) else score * x
-    kl = log_q.detach() - lp
-    return (kl + path - path.detach()).mean(), x
-
-
-def forward_kl_path_surrogate(
-    d: torch.distributions.TransformedDistribution,
-    x: torch.Tensor,
-    target_score: torch.Tensor,
-) -> torch.Tensor:
-    """Forward-KL (maximum-likelihood) path-gradient surrogate from target samples and scores.
-
-    Args:
-        d: the flow ``q_theta`` (a TransformedDistribution of invertible transforms).
-        x: ``(N, D)`` samples from the target ``p``.
-        target_score: ``grad log p(x)`` at those samples.
-
-    Returns:
-        A scalar whose value is the negative log-likelihood ``-mean log q(x)`` (KL(p||q) up to
-        the constant ``E_p log p``) and whose gradient is the path gradient of ``KL(p || q)``:
-        ``E_p[(grad_{x0} log p0(x0) - grad log q_0(x0))^T dx0/dtheta]`` with ``x0 = T^{-1}(x)``
-        (sec. 4 of Vaitl et al. 2024). The score ``grad log p0`` is propagated backwards by
-        vector-Jacobian products only.
-    """
-    base, transforms = _flow_parts(d)
-    event_dim = len(d.event_shape)
-    with torch.enable_grad():
-        y = x.detach().requires_grad_(True)
-        xs, ladj_total = [], 0.0
-        # inverse pass (attached to the parameters): x_L = x -> ... -> x_0
-        for t in reversed(transforms):
-            x_prev = t.inv(y)
-            ladj = t.log_abs_det_jacobian(x_prev, y)
-            extra = event_dim - t.codomain.event_dim
-            if extra > 0 and ladj.dim() >= extra:
-                ladj = ladj.sum(tuple(range(-extra, 0)))
-            ladj_total = ladj_total + ladj
-            xs.append(x_prev)
-            y = x_prev
-        x0 = y
-        log_q = base.log_prob(x0) - ladj_total
-        # backward score recursion v_l = J_l^T v_{l+1} + grad log|det J_l| at stopped params:
-        v = target_score.detach()
-        for t, x_l in zip(reversed(transforms), xs):
-            v = _vjp_step(t, x_l, v)
-        s0 = _base_score(base, x0)
-    path = ((v - s0) * x0).sum(-1) if event_dim else (v - s0) * x0
-    nll = -log_q.detach()
-    return (nll + path - path.detach()).mean()
-
-
-def _vjp_step(t, x_l: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """``J^T v + grad_x log|det J|`` at ``x_l`` (stopped parameters; one local forward + VJP)."""
-    if _layer_kind(t) == "permute":
-        inv = torch.argsort(t.permutation)
-        return v.index_select(-1, inv)
-    xd = x_l.detach().requires_grad_(True)
-    yd = t(xd)
-    ladj = t.log_abs_det_jacobian(xd, yd)
-    (g,) = torch.autograd.grad((yd * v).sum() + ladj.sum(), xd)
-    return g
-
-
-class FlowPathGradient:
-    """Callable bundle of the flow path-gradient estimators (for objectives and benchmarks).
-
-    ``FlowPathGradient(fast=True)(d, log_p, sample_shape)`` returns the reverse-KL surrogate
-    ``(loss, x)``: the fast forward-recursion estimator, or with ``fast=False`` the drop-in one
-    (inverse pass at stopped parameters).
-    """
-
-    def __init__(self, fast: bool = True):
-        self.fast = fast
-
-    def __call__(self, d, log_p, sample_shape=()):
-        if self.fast:
-            return fast_path_surrogate(d, log_p, sample_shape)
-        x = d.rsample(sample_shape)
-        lq = dropin_stopped_log_prob(d, x)
-        return (lq - log_p(x)).mean(), x
-
-
-#: Use the fast (cache-based, inverse-free) path gradient for flow sites in
-#: :func:`stopped_log_prob` when possible; set to False to force the drop-in inverse pass.
-USE_FAST_FLOW_PATH = True
-
-
-def _fast_supported_layer(t) -> bool:
-    """Supported and *unconditional* (its parameters are its own, not an upstream latent's)."""
-    from pyro.distributions.transforms import AffineAutoregressive, AffineCoupling, SplineCoupling
-
-    kind = _layer_kind(t)
-    if kind is None:
-        return False
-    if isinstance(t, AffineCoupling):
-        return isinstance(t.nn, torch.nn.Module)
-    if isinstance(t, AffineAutoregressive):
-        return isinstance(t.arn, torch.nn.Module)
-    if isinstance(t, SplineCoupling):
-        return type(t) is SplineCoupling
-    if kind == "elementwise":
-        inner = t._inv if isinstance(t, T._InverseTransform) else t
-        tensors = [v for v in vars(inner).values() if isinstance(v, torch.Tensor)]
-        return not any(v.requires_grad for v in tensors)
-    return True
-
-
-def _fast_flow_site_log_prob(site) -> torch.Tensor | None:
-    """Scaled/masked log q of a flow site with the fast path gradient, or ``None`` (fallback).
-
-    Applies when the site's value is the output of the sampling pass still held in the
-    transforms' ``y -> x`` caches (so every layer's input is recovered without an inverse), the
-    base distribution's parameters are constants and every layer is supported.
-    """
-    fn, value = site["fn"], site["value"]
-    if not isinstance(fn, torch.distributions.TransformedDistribution) or site["args"] or \
-            site["kwargs"] or not isinstance(value, torch.Tensor) or not value.requires_grad:
-        return None
-    base, transforms = fn.base_dist, _flatten_transforms(fn.transforms)
-    if not transforms or not all(_fast_supported_layer(t) for t in transforms):
-        return None
-    base_params = [v for v in vars(base).values() if isinstance(v, torch.Tensor)]
-    inner = getattr(base, "base_dist", None)
-    if inner is not None:
-        base_params += [v for v in vars(inner).values() if isinstance(v, torch.Tensor)]
-    if any(v.requires_grad for v in base_params):
-        return None
-    # cache walk: value = y_L, x_l = cached input of layer l
-    xs, y = [], value
-    for t in reversed(transforms):
-        cached = getattr(t, "_cached_x_y", None)
-        if cached is None or cached[1] is not y:
-            return None
-        xs.append(cached[0])
-        y = cached[0]
-    xs.reverse()
-    with torch.enable_grad():
-        s = _base_score(base, xs[0])
-        for i, t in enumerate(transforms):
-            x = xs[i]
-            y = xs[i + 1] if i + 1 < len(xs) else value
-            if not x.requires_grad:  # a constant base draw: recompute this layer from a leaf
-                x = x.detach().requires_grad_(True)
-                y = t(x)
-            try:
-                s = _score_step(t, _layer_kind(t), x, y, s)
-            except NotImplementedError:  # no cached quantities for this layer: drop-in path
-                return None
-        with torch.no_grad():
-            lp = fn.log_prob(value)
-    event_dims = tuple(range(-len(fn.event_shape), 0))
-    path = s.detach() * (value - value.detach())
-    path = path.sum(event_dims) if event_dims else path
-    return scale_and_mask(lp + path, site["scale"], site["mask"])
+def dreg_surrogate(model, guide, args, kwargs, what: str, path_coef: Callable):
+    """Doubly reparameterised surrogate (Tucker et al. 2019): value the IWELBO estimate; model
+    gradient ``sum_k w~_k grad_theta log p(x, z_k)``; guide gradient ``sum_k path_coef(w~)_k
+    d log w_k / dz_k dz_k / dphi`` (partials at stopped guide parameters). Call it inside an
+    objective program with vectorised particles."""
+    with particles():
+        trace, _ = sim(guide, *args, **kwargs)  # only the draws: log w is re-evaluated
+    check_reparameterized(trace, f"{what}(path_gradient=True)")
+    log_p, log_w, pairs = leaf_log_weights(model, guide, trace, args, kwargs)
+    estimate = logmeanexp(log_w).detach()
+    if not torch.is_grad_enabled():
+        return estimate
+    w = torch.softmax(log_w.detach(), 0)
+    theta = (w * log_p).sum()
+    return estimate + (theta - theta.detach()) + path_term(log_w, path_coef(w), pairs)

@@ -37,7 +37,7 @@ import torch
 from torch.distributions import Beta, Dirichlet, Gamma
 
 from .baselines import as_baseline, loo_mean
-from .estimators import Estimator, SiteDraw, _base_and_reinterpreted
+from .estimators import Estimator, SiteDraw, base_and_reinterpreted
 
 __all__ = [
     "RSVI",
@@ -179,7 +179,7 @@ def rsvi_sample(
 
     Raises ``ValueError`` listing the supported families for anything else.
     """
-    base, reinterpreted = _base_and_reinterpreted(fn)
+    base, reinterpreted = base_and_reinterpreted(fn)
     # the draw must have the full (expanded) shape of the site: expand the family's parameters
     shape = fn.batch_shape + fn.event_shape
     if isinstance(base, (Dirichlet, Beta, Gamma)):
