@@ -298,3 +298,13 @@ def test_compare_on_cuda():
                    warmup_steps=20)
     assert [r["status"] for r in rows] == ["ok"] * 5, rows
     assert all("heldout_lpd" in r for r in rows)
+
+
+def test_benchmarks_take_a_threads_flag():
+    run = [sys.executable, "-m", "benchmarks", "--list"]
+    proc = subprocess.run([*run, "--threads", "0"], capture_output=True, text=True, env=ENV,
+                          check=False)
+    assert proc.returncode == 2 and "--threads must be >= 1" in proc.stderr
+    proc = subprocess.run([*run, "--threads", "2"], capture_output=True, text=True, env=ENV,
+                          check=False)
+    assert proc.returncode == 0 and proc.stdout
