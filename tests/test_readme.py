@@ -19,7 +19,7 @@ README = os.path.join(os.path.dirname(__file__), "..", "README.md")
 
 def blocks() -> list[str]:
     with open(README) as fh:
-        return re.findall(r"```python\n(.*?)```", fh.read(), re.S)
+        return re.findall(r"```python\n(.*?)```", fh.read(), re.DOTALL)
 
 
 _RUNS: dict[int, dict] = {}
@@ -31,7 +31,8 @@ def run_block(index: int) -> dict:
         pyro.clear_param_store()
         pyro.set_rng_seed(0)
         namespace = {"__name__": f"readme_block_{index}"}
-        exec(compile(blocks()[index], f"README.md python block {index}", "exec"), namespace)
+        code = compile(blocks()[index], f"README.md python block {index}", "exec")
+        exec(code, namespace)  # noqa: S102 - running the README is the point
         namespace["_param_store"] = {k: v.detach().clone()
                                      for k, v in pyro.get_param_store().items()}
         _RUNS[index] = namespace
@@ -54,8 +55,8 @@ def sampler_errors(spec, draws: dict) -> tuple[float, float]:
         sd = var[site].double().sqrt()
         errors.append(((x.mean(0) - mean[site].double()) / sd).reshape(-1))
         log_ratios.append((x.std(0) / sd).log().reshape(-1))
-    rms = lambda v: float(torch.cat(v).pow(2).mean().sqrt())  # noqa: E731
-    return rms(errors), rms(log_ratios)
+    return (float(torch.cat(errors).pow(2).mean().sqrt()),
+            float(torch.cat(log_ratios).pow(2).mean().sqrt()))
 
 
 def test_every_block_runs_standalone():
