@@ -193,8 +193,9 @@ def _inference_data(spec, result):
     stats = dict(result.sample_stats)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        # ArviZ's shape heuristic ("more chains than draws") misfires on a few long chains
-        warnings.filterwarnings("ignore", "More chains", UserWarning)
+        # ArviZ's shape heuristic (0.x: "More chains ...", 1.x: "Found chain dimension to be
+        # longer ...") misfires on e.g. 2 chains x 1 draw, which is what was asked for
+        warnings.filterwarnings("ignore", "(More chains|Found chain dimension)", UserWarning)
         return to_inference_data(draws, model=spec.model, model_args=spec.args,
                                  model_kwargs=spec.kwargs, sample_stats=stats or None)
 
