@@ -1,4 +1,4 @@
-"""``python -m benchmarks [NAME ...] [--quick] [--out DIR] [--list] [--report RESULTS.md]``.
+"""``python -m benchmarks [NAME ...] [--quick] [--out DIR] [--list] [--report RESULTS.md] [--threads N]``.
 
 With no NAME every registered benchmark runs. Results are printed and written as JSON to
 ``--out`` (default ``benchmarks/results``).
@@ -23,7 +23,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--list", action="store_true", help="list benchmarks and exit")
     parser.add_argument("--report", metavar="PATH", default=None,
                         help="also write a Markdown report (e.g. benchmarks/RESULTS.md)")
+    parser.add_argument("--threads", type=int, default=1, metavar="N",
+                        help="torch intra-op threads (default 1, as the pyroforge CLI)")
     args = parser.parse_args(argv)
+    if args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
+    import torch
+
+    torch.set_num_threads(args.threads)
     registry = discover()
     if args.list:
         for name, bench in sorted(registry.items()):

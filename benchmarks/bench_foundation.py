@@ -7,7 +7,7 @@ from pyro.infer import MCMC, NUTS, SVI, Trace_ELBO
 from pyro.infer.autoguide import AutoNormal
 
 import models
-from mcmc.diagnostics import mean_error
+from models.metrics import mean_error
 
 from .harness import Target, benchmark
 

@@ -197,5 +197,5 @@ class CoinMSVGD(ParticleSampler):
     def ksd(self, kernel=None, chunk_size=None) -> float:
         raise NotImplementedError(
             "the Euclidean KSD is not a valid discrepancy on a bounded domain; use "
-            "mcmc.diagnostics.energy_distance against reference draws instead"
+            "models.metrics.energy_distance against reference draws instead"
         )

@@ -14,6 +14,7 @@ set is a single joint sample, so chain-based diagnostics (R-hat, ESS) are not me
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 import warnings
@@ -34,14 +35,18 @@ ARVIZ_MAJOR = int(az.__version__.split(".")[0])
 
 __all__ = [
     "ARVIZ_MAJOR",
-    "energy_distance",
+    "ConvergenceReport",
+    "ConvergenceWarning",
+    "atomic_write",
+    "bulk_ess",
+    "check_convergence",
     "flatten_draws",
     "group_names",
     "load_inference_data",
     "log_likelihood",
-    "mean_error",
     "posterior_dataset",
     "save_inference_data",
+    "split_rhat",
     "to_inference_data",
 ]
 
@@ -271,19 +276,31 @@ def to_inference_data(
     return _from_groups(groups)
 
 
-def save_inference_data(idata: Any, path: str | os.PathLike) -> str:
-    """Write ``idata`` to netCDF atomically (temporary file in the same folder, then rename)."""
+def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> str:
+    """Call ``write(tmp_path)`` on a temporary file next to ``path``, then rename it onto ``path``.
+
+    Readers never see a half-written file. The file gets the permissions a plainly created file
+    would (``0o666`` less the umask), not ``mkstemp``'s private ``0o600``.
+    """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(suffix=".nc.tmp", dir=folder)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.splitext(path)[1])
     os.close(fd)
     try:
-        idata.to_netcdf(tmp)
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
     return path
+
+
+def save_inference_data(idata: Any, path: str | os.PathLike) -> str:
+    """Write ``idata`` to netCDF atomically (see :func:`atomic_write`)."""
+    return atomic_write(path, idata.to_netcdf)
 
 
 def load_inference_data(path: str | os.PathLike):
@@ -319,44 +336,277 @@ def flatten_draws(draws: Mapping[str, Any], sites: list[str] | None = None) -> t
     return torch.cat(parts, dim=-1)
 
 
-def energy_distance(x: torch.Tensor, y: torch.Tensor, chunk_size: int = 2048) -> torch.Tensor:
-    """Energy distance ``2 E|X-Y| - E|X-X'| - E|Y-Y'|`` between samples ``x (n, d)``, ``y (m, d)``.
+# --------------------------------------------------------------------------- convergence checks
+# Split R-hat and bulk ESS follow Vehtari, Gelman, Simpson, Carpenter & Buerkner (2021),
+# "Rank-normalization, folding, and localization: an improved R-hat for assessing convergence of
+# MCMC", Bayesian Analysis 16(2). Computed here (numpy/scipy only) so that the numbers are the same
+# under ArviZ 0.x and 1.x; tests compare them with ArviZ on known cases.
 
-    Zero iff the two distributions agree (Szekely & Rizzo 2013). Computed in row chunks so that
-    memory stays O(chunk_size * max(n, m)) rather than O(n m d). V-statistic form (includes the
-    zero diagonal terms), so it is slightly positive between two samples of one distribution.
+RHAT_THRESHOLD = 1.05
+"""Split R-hat above this means the chains disagree (Vehtari et al. 2021 recommend 1.01 for final
+results; 1.05 flags the clear failures that short default runs must not hide)."""
+
+MIN_ESS = 100
+"""Bulk ESS below this is "tiny": the Monte-Carlo error of a posterior mean, sd / sqrt(ESS), is
+then more than a tenth of a posterior standard deviation."""
+
+KSD_RATIO = 0.5
+"""A particle method whose KSD fell by less than this factor from its start has not converged."""
+
+
+class ConvergenceWarning(UserWarning):
+    """A sampler or fit finished but its diagnostics say the result should not be trusted."""
+
+
+def _as_chains(value: Any) -> np.ndarray:
+    """``(chains, draws, *shape)`` -> float64 ``(chains, draws, K)``."""
+    a = np.asarray(_numpy(value), dtype=np.float64)
+    if a.ndim < 2:
+        raise ValueError(f"draws must have shape (chains, draws, *site_shape), got {a.shape}")
+    return a.reshape(a.shape[0], a.shape[1], -1)
+
+
+def _split_halves(x: np.ndarray) -> np.ndarray:
+    """Each chain cut into its first and second half (middle draw dropped when odd): ``(2M, N//2, K)``."""
+    half = x.shape[1] // 2
+    return np.concatenate([x[:, :half], x[:, x.shape[1] - half:]], axis=0)
+
+
+def _rank_normalise(x: np.ndarray) -> np.ndarray:
+    """Pooled ranks (ties averaged) -> normal scores ``Phi^{-1}((r - 3/8) / (S + 1/4))`` (eq. 14)."""
+    from scipy import stats
+
+    m, n, k = x.shape
+    flat = x.reshape(m * n, k)
+    ranks = stats.rankdata(flat, method="average", axis=0)
+    return stats.norm.ppf((ranks - 0.375) / (m * n + 0.25)).reshape(m, n, k)
+
+
+def _basic_rhat(x: np.ndarray) -> np.ndarray:
+    """Potential scale reduction ``sqrt(var+ / W)`` over the chains of ``x (M, N, K)`` (eqs. 3-4)."""
+    n = x.shape[1]
+    within = x.var(axis=1, ddof=1).mean(axis=0)
+    between = n * x.mean(axis=1).var(axis=0, ddof=1)
+    var_plus = (n - 1) / n * within + between / n
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.sqrt(var_plus / within)
+
+
+def split_rhat(draws: Any) -> np.ndarray:
+    """Rank-normalised split R-hat of ``draws (chains, draws, *shape)``, one value per coordinate.
+
+    The maximum of the bulk R-hat (on rank-normalised split chains) and the tail R-hat (on the
+    rank-normalised distance from the median), Vehtari et al. (2021), section 4.2. Splitting each
+    chain in half also catches a single chain that drifts. Coordinates that are constant give NaN.
+    Needs at least 4 draws per chain.
     """
-    x = torch.as_tensor(x)
-    y = torch.as_tensor(y).to(device=x.device, dtype=x.dtype)
-    if x.dim() == 1:
-        x = x.unsqueeze(-1)
-    if y.dim() == 1:
-        y = y.unsqueeze(-1)
-    if x.dim() != 2 or y.dim() != 2 or x.shape[-1] != y.shape[-1]:
-        raise ValueError(f"x and y must be (n, d) and (m, d); got {tuple(x.shape)}, {tuple(y.shape)}")
-
-    def mean_dist(a, b):
-        total = a.new_zeros(())
-        for i in range(0, a.shape[0], chunk_size):
-            total = total + torch.cdist(a[i : i + chunk_size], b).sum()
-        return total / (a.shape[0] * b.shape[0])
-
-    return 2 * mean_dist(x, y) - mean_dist(x, x) - mean_dist(y, y)
+    x = _as_chains(draws)
+    if x.shape[1] < 4:
+        raise ValueError(f"split R-hat needs >= 4 draws per chain, got {x.shape[1]}")
+    split = _split_halves(x)
+    bulk = _basic_rhat(_rank_normalise(split))
+    folded = np.abs(split - np.median(split.reshape(-1, split.shape[-1]), axis=0))
+    tail = _basic_rhat(_rank_normalise(folded))
+    out = np.fmax(bulk, tail)
+    out[np.ptp(x.reshape(-1, x.shape[-1]), axis=0) == 0] = np.nan
+    return out.reshape(np.shape(_numpy(draws))[2:])
 
 
-def mean_error(
-    draws: Mapping[str, Any], reference_mean: Mapping[str, Any], scale: Mapping[str, Any] | None = None
-) -> float:
-    """Root-mean-square error of posterior means over all coordinates of the reference's sites.
+def _ess(x: np.ndarray) -> np.ndarray:
+    """Effective sample size of ``x (M, N, K)`` with Geyer's initial monotone sequence (eq. 10).
 
-    ``draws[site]`` is ``(S, *shape)``; with ``scale`` (reference standard deviations) each
-    coordinate's error is measured in posterior standard deviations.
+    Autocorrelations are combined over chains as ``rho_t = 1 - (W - mean_m acov_{m,t}) / var+``
+    (``rho_0 = 1``);
+    the sum runs over pairs ``P_k = rho_{2k} + rho_{2k+1}`` while they are positive, made
+    non-increasing, and closed by the next even lag when positive (Stan's convention); the
+    integrated autocorrelation time is floored at ``1 / log10(MN)``.
     """
-    errs = []
-    for name, ref in reference_mean.items():
-        est = torch.as_tensor(draws[name]).double().mean(0)
-        diff = est - torch.as_tensor(ref).double().to(est.device)
-        if scale is not None:
-            diff = diff / torch.as_tensor(scale[name]).double().to(est.device)
-        errs.append(diff.reshape(-1))
-    return float(torch.cat(errs).pow(2).mean().sqrt())
+    m, n, k = x.shape
+    centred = x - x.mean(axis=1, keepdims=True)
+    size = 1 << (2 * n - 1).bit_length()
+    spec = np.fft.rfft(centred, n=size, axis=1)
+    acov = np.fft.irfft(spec * np.conj(spec), n=size, axis=1)[:, :n] / n  # (M, N, K), biased
+    within = acov[:, 0].mean(axis=0) * n / (n - 1)
+    var_plus = within * (n - 1) / n
+    if m > 1:
+        var_plus = var_plus + x.mean(axis=1).var(axis=0, ddof=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rho = 1.0 - (within - acov.mean(axis=0)) / var_plus  # (N, K)
+    rho[0] = 1.0
+    num_pairs = max((n - 1) // 2, 1)  # pairs (2j, 2j+1) with 2j < n - 2, plus j = 0
+    ess = np.empty(k)
+    for c in range(k):
+        r = rho[:, c]
+        if not np.all(np.isfinite(r)):
+            ess[c] = np.nan
+            continue
+        pairs = r[0 : 2 * num_pairs : 2] + r[1 : 2 * num_pairs : 2]
+        stop = np.nonzero(pairs[1:] <= 0)[0]
+        last = stop[0] + 1 if stop.size else len(pairs) - 1
+        monotone = np.minimum.accumulate(pairs[:last])
+        tau = -1.0 + 2.0 * monotone.sum() + max(r[2 * last], 0.0)
+        ess[c] = m * n / max(tau, 1.0 / np.log10(m * n))
+    return ess
+
+
+def bulk_ess(draws: Any) -> np.ndarray:
+    """Bulk effective sample size of ``draws (chains, draws, *shape)``, one value per coordinate.
+
+    The ESS of the rank-normalised split chains (Vehtari et al. 2021, section 4.3): how many
+    independent draws would estimate the centre of the distribution as well. Constant coordinates
+    count every draw. Needs at least 4 draws per chain.
+    """
+    x = _as_chains(draws)
+    if x.shape[1] < 4:
+        raise ValueError(f"bulk ESS needs >= 4 draws per chain, got {x.shape[1]}")
+    out = _ess(_rank_normalise(_split_halves(x)))
+    out[np.ptp(x.reshape(-1, x.shape[-1]), axis=0) == 0] = x.shape[0] * x.shape[1]
+    return out.reshape(np.shape(_numpy(draws))[2:])
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.3g}" if abs(value) < 1e4 else f"{value:.2e}"
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvergenceReport:
+    """What :func:`check_convergence` found.
+
+    Attributes:
+        summary: one line for logs and the CLI.
+        warnings: sentences saying what looks wrong and what to change (empty when all is well).
+        rhat: ``{site: max split R-hat over its coordinates}`` (empty with fewer than 2 chains).
+        ess: ``{site: min bulk ESS over its coordinates}`` (empty for particle sets).
+        num_chains, num_draws: the shape of the draws checked.
+    """
+
+    summary: str
+    warnings: tuple[str, ...] = ()
+    rhat: dict[str, float] = dataclasses.field(default_factory=dict)
+    ess: dict[str, float] = dataclasses.field(default_factory=dict)
+    num_chains: int = 0
+    num_draws: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.warnings
+
+    @property
+    def max_rhat(self) -> float:
+        finite = [v for v in self.rhat.values() if np.isfinite(v)]
+        return max(finite) if finite else float("nan")
+
+    @property
+    def min_ess(self) -> float:
+        finite = [v for v in self.ess.values() if np.isfinite(v)]
+        return min(finite) if finite else float("nan")
+
+    def warn(self, stacklevel: int = 2) -> None:
+        """Issue every warning as a :class:`ConvergenceWarning`."""
+        for message in self.warnings:
+            warnings.warn(message, ConvergenceWarning, stacklevel=stacklevel + 1)
+
+
+def check_convergence(
+    draws: Mapping[str, Any] | None = None,
+    *,
+    kind: str = "draws",
+    name: str = "",
+    ksd: float | None = None,
+    initial_ksd: float | None = None,
+    stuck_fraction: float | None = None,
+    rhat_threshold: float = RHAT_THRESHOLD,
+    min_ess: float = MIN_ESS,
+) -> ConvergenceReport:
+    """Check a sampler's output and say, in words, what to change when it looks wrong.
+
+    Args:
+        draws: ``{site: (chains, draws, *shape)}``; for ``kind="particles"``
+            ``{site: (sets, num_particles, *shape)}`` (one set: ``x[None]``). May be omitted when
+            only ``ksd``/``stuck_fraction`` are checked.
+        kind: ``"draws"`` (R-hat with >= 2 chains, bulk ESS) or ``"particles"`` (R-hat between
+            independent particle sets when there are >= 2; ESS is not defined for particles).
+        name: what produced the draws (e.g. ``"sgld on logistic_regression"``), used in messages.
+        ksd, initial_ksd: kernel Stein discrepancy at the end and at the start (particle methods).
+        stuck_fraction: fraction of particles the caller found stuck away from the rest.
+        rhat_threshold, min_ess: when to warn (defaults :data:`RHAT_THRESHOLD`, :data:`MIN_ESS`).
+
+    Returns:
+        a :class:`ConvergenceReport`; call ``.warn()`` to emit its warnings.
+    """
+    if kind not in ("draws", "particles"):
+        raise ValueError(f"kind must be 'draws' or 'particles', got {kind!r}")
+    who = f"{name}: " if name else ""
+    messages: list[str] = []
+    parts: list[str] = []
+    rhat: dict[str, float] = {}
+    ess: dict[str, float] = {}
+    chains = draws_per_chain = 0
+    if draws:
+        arrays = {k: np.asarray(_numpy(v), dtype=np.float64) for k, v in draws.items()}
+        lead = {a.shape[:2] for a in arrays.values() if a.ndim >= 2}
+        if len(lead) != 1 or any(a.ndim < 2 for a in arrays.values()):
+            shapes = {k: a.shape for k, a in arrays.items()}
+            raise ValueError(f"draws must be {{site: (chains, draws, *shape)}} with the same two "
+                             f"leading dims (a single particle set: x[None]); got {shapes}")
+        chains, draws_per_chain = lead.pop()
+        units = ("sets", "particles") if kind == "particles" else ("chains", "draws")
+        parts.append(f"{chains} {units[0]} x {draws_per_chain} {units[1]}")
+        if draws_per_chain < 4:
+            parts.append("R-hat and ESS need >= 4 draws per chain")
+        else:
+            if chains >= 2:
+                for k, a in arrays.items():
+                    values = split_rhat(a)
+                    if np.isfinite(values).any():
+                        rhat[k] = float(np.nanmax(values))
+            if kind == "draws":
+                ess = {k: float(np.nanmin(bulk_ess(a))) for k, a in arrays.items()}
+    report_rhat = rhat
+    if report_rhat:
+        worst = max(report_rhat, key=report_rhat.get)
+        parts.append(f"max R-hat {report_rhat[worst]:.3f} ({worst})")
+        bad = sorted((k for k, v in report_rhat.items() if v > rhat_threshold),
+                     key=lambda k: -report_rhat[k])
+        if bad:
+            what = "particle sets" if kind == "particles" else "chains"
+            listing = ", ".join(f"{k} {report_rhat[k]:.2f}" for k in bad[:4])
+            if kind == "particles":
+                advice = "run more iterations or start the particles nearer the posterior"
+            else:
+                advice = ("run longer (more warmup_steps and num_samples), use a smaller "
+                          "step_size, or start the chains nearer the posterior")
+            messages.append(f"{who}the {what} disagree: split R-hat > {rhat_threshold} for "
+                            f"{listing}; {advice}")
+    elif draws and kind == "draws" and chains < 2:
+        parts.append("R-hat needs >= 2 chains")
+    if ess:
+        worst = min(ess, key=ess.get)
+        parts.append(f"min bulk ESS {ess[worst]:.0f} ({worst})")
+        low = sorted((k for k, v in ess.items() if v < min_ess), key=ess.get)
+        if low:
+            listing = ", ".join(f"{k} {ess[k]:.0f}" for k in low[:4])
+            messages.append(
+                f"{who}tiny effective sample size: bulk ESS < {min_ess:g} for {listing} (the "
+                f"Monte-Carlo error of a mean is then > {1 / np.sqrt(min_ess):.2g} posterior sd); "
+                "draw more samples (num_samples), or mix faster (a larger step_size, thinning)")
+    if ksd is not None:
+        if initial_ksd is not None:
+            parts.append(f"KSD {_fmt(initial_ksd)} -> {_fmt(ksd)}")
+            if not np.isfinite(ksd) or ksd > KSD_RATIO * initial_ksd:
+                messages.append(
+                    f"{who}the kernel Stein discrepancy has not fallen ({_fmt(initial_ksd)} -> "
+                    f"{_fmt(ksd)}); run more iterations, or start the particles nearer the "
+                    "posterior (e.g. from a Laplace or ADVI fit)")
+        else:
+            parts.append(f"KSD {_fmt(ksd)}")
+    if stuck_fraction is not None:
+        parts.append(f"{100 * stuck_fraction:.0f}% particles stuck")
+        if stuck_fraction > 0:
+            messages.append(
+                f"{who}{100 * stuck_fraction:.0f}% of the particles are stuck away from the rest; "
+                "start the particles nearer the posterior or run more iterations, and do not "
+                "trust the spread until none are")
+    status = "ok" if not messages else f"{len(messages)} warning(s)"
+    summary = f"{who}{'; '.join(parts) if parts else 'nothing to check'}: {status}"
+    return ConvergenceReport(summary, tuple(messages), rhat, ess, chains, draws_per_chain)

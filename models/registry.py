@@ -32,10 +32,15 @@ def names() -> list[str]:
 
 
 def description(name: str) -> str:
-    """First line of the model builder's docstring (cheap: builds nothing)."""
+    """One line about model ``name``: the zoo's catalog entry, else the first paragraph of the
+    builder's docstring (cheap: builds nothing)."""
+    from .catalog import MODELS
+
+    if name in MODELS:
+        return MODELS[name]
     _load_zoo()
     doc = (_BUILDERS[name].__doc__ or "").strip()
-    return doc.splitlines()[0] if doc else ""
+    return " ".join(doc.split("\n\n")[0].split())
 
 
 def get(

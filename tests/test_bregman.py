@@ -17,9 +17,9 @@ from mcmc.bregman import (
     myula_step,
     sample_chains,
 )
-from mcmc.diagnostics import mean_error
 from mcmc.mirror import BoltzmannShannon, Burg, FermiDirac, Hypentropy, SimplexEntropy
 from mcmc.prox import L1, Box, GroupL1, Simplex
+from models.metrics import mean_error
 
 D = 10
 A = torch.arange(1, D + 1, dtype=torch.float32)  # Laplace rates a_i = i

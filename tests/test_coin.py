@@ -15,9 +15,9 @@ from mcmc.coin import (
 from mcmc.coin_ksdd import CoinKSDD
 from mcmc.coin_msvgd import CoinMSVGD, msvgd_direction
 from mcmc.coin_svgd import CoinSVGD
-from mcmc.diagnostics import energy_distance
 from mcmc.kernels import IMQKernel, RBFKernel
 from mcmc.mirror import SimplexEntropy
+from models.metrics import energy_distance
 
 F64 = {"dtype": torch.float64}
 MU = torch.tensor([1.0, -1.0], **F64)
@@ -425,7 +425,7 @@ def _heldout_metrics(w, X, y):
 @pytest.mark.slow
 def test_coin_svgd_logistic_regression_matches_nuts_reference():
     import models
-    from mcmc.diagnostics import mean_error
+    from models.metrics import mean_error
 
     spec = models.get("logistic_regression")
     (X_test, y_test), _ = spec.heldout

@@ -1,4 +1,4 @@
-"""ArviZ conversion round trips, log-likelihood, distances and netCDF I/O."""
+"""ArviZ conversion round trips, log-likelihood and netCDF I/O (file modes included)."""
 
 import os
 
@@ -11,11 +11,10 @@ from pyro.infer import MCMC, NUTS, SVGD, RBFSteinKernel, Trace_ELBO
 from pyro.infer.autoguide import AutoNormal
 
 from mcmc.diagnostics import (
-    energy_distance,
+    atomic_write,
     group_names,
     load_inference_data,
     log_likelihood,
-    mean_error,
     posterior_dataset,
     save_inference_data,
     to_inference_data,
@@ -51,7 +50,7 @@ def test_mcmc_round_trip_with_log_likelihood(tmp_path):
     assert set(group_names(back)) == set(group_names(idata))
     assert posterior_dataset(back)["mu"].shape == (1, 12, 2)
     np.testing.assert_allclose(back.posterior["mu"].values, idata.posterior["mu"].values)
-    assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp")]
 
 
 def test_dict_of_draws_and_shape_errors():
@@ -107,20 +106,20 @@ def test_log_likelihood_loops_for_non_broadcasting_models():
                                rtol=1e-6)
 
 
-def test_energy_distance_separates_and_is_chunk_invariant():
-    g = torch.Generator().manual_seed(1)
-    a, b = torch.randn(400, 3, generator=g), torch.randn(300, 3, generator=g)
-    same = energy_distance(a, b)
-    shifted = energy_distance(a, b + 1.0)
-    assert shifted > 10 * same
-    # V-statistic between two N(0, I) samples: small, and the chunked version is identical
-    assert same < 0.05
-    torch.testing.assert_close(energy_distance(a, b + 1.0, chunk_size=7), shifted)
-    with pytest.raises(ValueError, match=r"\(n, d\)"):
-        energy_distance(torch.randn(4, 2), torch.randn(4, 3))
+def _write_x(tmp):
+    with open(tmp, "w") as fh:
+        fh.write("x")
 
 
-def test_mean_error_in_sd_units():
-    draws = {"a": torch.full((10, 2), 1.0)}
-    assert mean_error(draws, {"a": torch.zeros(2)}) == pytest.approx(1.0)
-    assert mean_error(draws, {"a": torch.zeros(2)}, scale={"a": torch.full((2,), 2.0)}) == pytest.approx(0.5)
+def test_atomic_write_gives_files_the_umask_mode(tmp_path):
+    """Results are written like ordinary files (0o666 less the umask), not mkstemp's 0o600."""
+    old = os.umask(0o022)
+    try:
+        path = atomic_write(tmp_path / "a.txt", _write_x)
+        assert os.stat(path).st_mode & 0o777 == 0o644
+        os.umask(0o077)
+        path = atomic_write(tmp_path / "b.txt", _write_x)
+        assert os.stat(path).st_mode & 0o777 == 0o600
+    finally:
+        os.umask(old)
+    assert sorted(os.listdir(tmp_path)) == ["a.txt", "b.txt"]

@@ -1,72 +1,76 @@
 """Particle methods for the CLI: coin sampling (Coin SVGD, Coin KSDD, Coin MSVGD) and Pyro's SVGD.
 
-Particles are reported as one chain whose draws are the particles (ESS is not defined).
-Options: ``num_particles`` (default 100; 50 for KSDD), ``lr`` (Pyro SVGD's Adam, default 0.05).
+A particle set is one joint sample, so ESS is not defined for it. Each method runs
+``num_chains`` independent particle sets (default 2, from different random starts) and reports
+them as chains ``(sets, num_particles, *shape)``: split R-hat between the sets then says whether
+independent runs agree. The coin methods also report the kernel Stein discrepancy after the first
+and the last iteration (the diagnostics warn when it has not fallen). ``--num-steps`` is the
+number of iterations; the number of particles is ``--option num_particles=N``.
 """
 
 from __future__ import annotations
 
 import time
 
-import pyro
-import torch
-from pyro.infer import SVGD, RBFSteinKernel
-from tqdm.auto import trange
+from .base import FitConfig, FitResult, Method, Option, chains_result, continuous_latents_only
 
-from mcmc import CoinKSDD, CoinMSVGD, CoinSVGD, SimplexEntropy
-
-from ..spec import ModelSpec
-from . import FitConfig, FitResult, Method, chains_result, register_method
-from .pyro_builtin import model_params
+SETTINGS = ("num_steps",)
 
 
-def _continuous_latents_only(spec: ModelSpec) -> str | None:
-    if spec.discrete_sites:
-        return f"particle methods need continuous latents; {', '.join(spec.discrete_sites)} are discrete"
-    params = model_params(spec)
-    if params:
-        return f"the model has learnable parameters ({params[0]}, ...)"
-    return None
+def _options(num_particles: int, *extra: Option) -> tuple[Option, ...]:
+    return (Option("num_particles", int, num_particles, "particles per set", low=2),
+            Option("num_chains", int, 2, "independent particle sets", low=1), *extra)
 
 
-def _result(name: str, spec: ModelSpec, named: dict, wall: float, info: dict) -> FitResult:
-    return chains_result(name, spec, {k: v[None] for k, v in named.items()}, wall,
-                         kind="particles", info=info)
+def _sets_result(name: str, spec, sets: list[dict], wall: float, info: dict) -> FitResult:
+    import torch
+
+    stacked = {k: torch.stack([s[k] for s in sets]) for k in sets[0]}
+    return chains_result(name, spec, stacked, wall, kind="particles", info=info)
 
 
-def _fit_sampler(name: str, make, default_particles: int, default_steps: int):
-    def fit(spec: ModelSpec, config: FitConfig) -> FitResult:
-        pyro.set_rng_seed(config.seed)
-        num_particles = int(config.options.get("num_particles", default_particles))
-        sampler = make(spec, num_particles)
-        num_steps = config.num_steps or default_steps
-        start = time.perf_counter()
-        sampler.run(num_steps, *spec.args, progress=config.progress, **spec.kwargs)
-        wall = time.perf_counter() - start
-        return _result(name, spec, sampler.get_named_particles(), wall,
-                       {"num_particles": num_particles, "num_steps": num_steps})
+def _run_coin(name: str, spec, config: FitConfig, make, default_steps: int) -> FitResult:
+    """``num_chains`` runs of the coin sampler ``make()``; KSD after the first and last step."""
+    import pyro
 
-    return fit
-
-
-register_method(Method(
-    "coin_svgd",
-    _fit_sampler("coin_svgd", lambda spec, n: CoinSVGD(spec.model, num_particles=n,
-                                                        max_plate_nesting=spec.max_plate_nesting),
-                 100, 500),
-    _continuous_latents_only, "Coin SVGD (learning-rate free; RBF kernel, median bandwidth)",
-    family="particles"))
-register_method(Method(
-    "coin_ksdd",
-    _fit_sampler("coin_ksdd", lambda spec, n: CoinKSDD(spec.model, num_particles=n,
-                                                        max_plate_nesting=spec.max_plate_nesting),
-                 50, 300),
-    _continuous_latents_only, "Coin KSD descent (learning-rate free; IMQ kernel)",
-    family="particles"))
+    pyro.set_rng_seed(config.seed)
+    num_steps = config.num_steps or default_steps
+    sets, ksd_first, ksd_last = [], [], []
+    start = time.perf_counter()
+    for _ in range(config.options["num_chains"]):
+        sampler = make()
+        sampler.run(1, *spec.args, **spec.kwargs)
+        ksd_first.append(sampler.ksd())
+        sampler.run(num_steps - 1, *spec.args, progress=config.progress, **spec.kwargs)
+        ksd_last.append(sampler.ksd())
+        sets.append(sampler.get_named_particles())
+    wall = time.perf_counter() - start
+    info = {"num_particles": config.options["num_particles"], "num_steps": num_steps,
+            "initial_ksd": max(ksd_first), "ksd": max(ksd_last)}
+    return _sets_result(name, spec, sets, wall, info)
 
 
-def _simplex_site(spec: ModelSpec) -> str | None:
+def _fit_coin_svgd(spec, config: FitConfig) -> FitResult:
+    from mcmc import CoinSVGD
+
+    return _run_coin("coin_svgd", spec, config, lambda: CoinSVGD(
+        spec.model, num_particles=config.options["num_particles"],
+        max_plate_nesting=spec.max_plate_nesting), 500)
+
+
+def _fit_coin_ksdd(spec, config: FitConfig) -> FitResult:
+    from mcmc import CoinKSDD
+
+    return _run_coin("coin_ksdd", spec, config, lambda: CoinKSDD(
+        spec.model, num_particles=config.options["num_particles"],
+        max_plate_nesting=spec.max_plate_nesting), 300)
+
+
+def _simplex_site(spec) -> str | None:
     """The model's single latent site if it is simplex-valued, else None."""
+    import pyro
+    import torch
+
     if len(spec.latent_sites) != 1:
         return None
     (site,) = spec.latent_sites
@@ -75,50 +79,68 @@ def _simplex_site(spec: ModelSpec) -> str | None:
     return site if support is torch.distributions.constraints.simplex else None
 
 
-def _msvgd_applies(spec: ModelSpec) -> str | None:
+def _msvgd_applies(spec) -> str | None:
     if _simplex_site(spec) is None:
         return "Coin MSVGD needs a model whose only latent site lives on the simplex"
     return None
 
 
-def _fit_msvgd(spec: ModelSpec, config: FitConfig) -> FitResult:
+def _fit_msvgd(spec, config: FitConfig) -> FitResult:
+    import pyro
+
+    from mcmc import CoinMSVGD, SimplexEntropy
+
     pyro.set_rng_seed(config.seed)
     site = _simplex_site(spec)
-    n = int(config.options.get("num_particles", 100))
-    sampler = CoinMSVGD.from_model(spec.model, site, SimplexEntropy(), n, spec.args, spec.kwargs,
-                                   max_plate_nesting=spec.max_plate_nesting)
+    n = config.options["num_particles"]
     num_steps = config.num_steps or 500
+    sets = []
     start = time.perf_counter()
-    sampler.run(num_steps, progress=config.progress)
+    for _ in range(config.options["num_chains"]):
+        sampler = CoinMSVGD.from_model(spec.model, site, SimplexEntropy(), n, spec.args,
+                                       spec.kwargs, max_plate_nesting=spec.max_plate_nesting)
+        sampler.run(num_steps, progress=config.progress)
+        sets.append(sampler.get_named_particles())
     wall = time.perf_counter() - start
-    return _result("coin_msvgd", spec, sampler.get_named_particles(), wall,
-                   {"num_particles": n, "num_steps": num_steps})
+    return _sets_result("coin_msvgd", spec, sets, wall, {"num_particles": n,
+                                                         "num_steps": num_steps})
 
 
-register_method(Method("coin_msvgd", _fit_msvgd, _msvgd_applies,
-                       "Coin mirrored SVGD on the simplex (entropic mirror map)", family="particles"))
+def _fit_pyro_svgd(spec, config: FitConfig) -> FitResult:
+    import pyro
+    from pyro.infer import SVGD, RBFSteinKernel
+    from tqdm.auto import trange
 
-
-def _fit_pyro_svgd(spec: ModelSpec, config: FitConfig) -> FitResult:
     pyro.set_rng_seed(config.seed)
-    pyro.clear_param_store()
-    n = int(config.options.get("num_particles", 100))
-    svgd = SVGD(spec.model, RBFSteinKernel(), pyro.optim.Adam({"lr": float(config.options.get("lr", 0.05))}),
-                num_particles=n, max_plate_nesting=spec.max_plate_nesting)
+    n = config.options["num_particles"]
     num_steps = config.num_steps or 500
+    sets = []
     start = time.perf_counter()
-    for _ in trange(num_steps, desc=f"svgd {spec.name}", disable=not config.progress):
-        svgd.step(*spec.args, **spec.kwargs)
+    for _ in range(config.options["num_chains"]):
+        pyro.clear_param_store()
+        svgd = SVGD(spec.model, RBFSteinKernel(), pyro.optim.Adam({"lr": config.options["lr"]}),
+                    num_particles=n, max_plate_nesting=spec.max_plate_nesting)
+        for _ in trange(num_steps, desc=f"svgd {spec.name}", disable=not config.progress):
+            svgd.step(*spec.args, **spec.kwargs)
+        # Pyro keeps its particle plate's singleton dims: (N, 1, ..., *shape) -> (N, *shape)
+        sets.append({k: v.reshape((n,) + tuple(spec.latent_sites.get(k, v.shape[1:])))
+                     for k, v in svgd.get_named_particles().items()})
     wall = time.perf_counter() - start
-    # Pyro keeps its particle plate's singleton dims: (N, 1, ..., *shape) -> (N, *shape)
-    named = {}
-    for k, v in svgd.get_named_particles().items():
-        shape = tuple(spec.latent_sites.get(k, v.shape[1:]))
-        named[k] = v.reshape((n,) + shape)
-    return _result("svgd", spec, named, wall, {"num_particles": n, "num_steps": num_steps,
-                                              "note": "Pyro 1.9 SVGD: multi-site grouping bug"})
+    return _sets_result("svgd", spec, sets, wall, {
+        "num_particles": n, "num_steps": num_steps,
+        "note": "Pyro 1.9 SVGD: multi-site grouping bug"})
 
 
-register_method(Method("svgd", _fit_pyro_svgd, _continuous_latents_only,
-                       "Pyro SVGD with Adam (reference; mis-groups particles of multi-site models)",
-                       family="particles"))
+METHODS = (
+    Method("coin_svgd", "particles", "Coin SVGD (learning-rate free; RBF kernel, median bandwidth)",
+           _fit_coin_svgd, continuous_latents_only, _options(100), SETTINGS),
+    Method("coin_ksdd", "particles", "Coin KSD descent (learning-rate free; IMQ kernel)",
+           _fit_coin_ksdd, continuous_latents_only, _options(50), SETTINGS),
+    Method("coin_msvgd", "particles", "Coin mirrored SVGD on the simplex (entropic mirror map)",
+           _fit_msvgd, _msvgd_applies, _options(100), SETTINGS),
+    Method("svgd", "particles",
+           "Pyro SVGD with Adam (reference; mis-groups particles of multi-site models)",
+           _fit_pyro_svgd, continuous_latents_only,
+           _options(100, Option("lr", float, 0.05, "Adam's learning rate", low=0.0,
+                                low_open=True)), SETTINGS),
+)

@@ -33,6 +33,7 @@ def eight_schools_model(y: torch.Tensor, sigma: torch.Tensor) -> None:
 
 @register("eight_schools")
 def build_eight_schools(with_reference: bool = True) -> ModelSpec:
+    """Eight schools hierarchical model (non-centred), with a stored NUTS reference."""
     y, sigma = torch.tensor(Y), torch.tensor(SIGMA)
     reference, note = load_reference("eight_schools", {}, enabled=with_reference)
     return ModelSpec(
