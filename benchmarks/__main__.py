@@ -37,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpu-check", action="store_true",
                         help="run the CUDA tests and the GPU benchmark table (needs CUDA)")
     args = parser.parse_args(argv)
+    if args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
     if args.gpu_check:
         from .gpu_check import gpu_check
 

@@ -8,12 +8,11 @@ whole check ends within :data:`BUDGET_S` seconds (8 minutes). It prints a Markdo
 0 when every CUDA test passed, 1 when one failed or a benchmark failed or ran out of time, and
 77 ("skipped", the automake convention) when there is no CUDA device; nothing is run then.
 
-On a machine without network access where pyro-ppl / arviz are not installed, carry wheels (see
-benchmarks/README.md): on a machine with the same Python version and network,
-``pip download -d wheels pyro-ppl pyro-api arviz pytest`` (then delete the ``torch``/``nvidia``/
-``triton`` wheels pulled in as dependencies if the GPU machine has its own CUDA torch), copy
-``wheels/`` with the checkout, and there ``pip install --no-index --find-links wheels pyro-ppl
-arviz pytest``. The check runs from the checkout root without installing the project.
+On a machine without network access where pyro-ppl / arviz are not installed, carry their
+wheels (recipe in benchmarks/README.md: ``pip download --no-deps -d wheels`` of the packages
+``pip install --dry-run --report`` lists beside an installed torch, then ``pip install
+--no-index --find-links wheels pyro-ppl arviz pytest`` there). The check runs from the checkout
+root without installing the project.
 """
 
 from __future__ import annotations

@@ -1,14 +1,26 @@
 """The side-by-side harness: interleaved timing, ratios vs targets, JSON output."""
 
 import json
+import os
+import subprocess
+import sys
 import time
 
 import pyro
 import pytest
 import torch
 
-from benchmarks import harness
+from benchmarks import harness, peers
 from benchmarks.harness import Target, benchmark
+
+
+@pytest.fixture(autouse=True)
+def _restore_cli_state():
+    """``benchmarks.__main__.main`` sets torch's thread count and may disable the peers."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+    peers.enable()
 
 
 @benchmark("_test_sleep", targets=[Target("slow", "fast", ">=", 1.5), Target("fast", "slow", ">=", 2.0),
@@ -86,8 +98,6 @@ def test_skipped_peer_is_recorded_not_timed(tmp_path):
 
 
 def test_peer_builders_skip_when_the_library_is_missing(monkeypatch):
-    from benchmarks import peers
-
     real = peers.importlib.util.find_spec
     monkeypatch.setattr(peers.importlib.util, "find_spec",
                         lambda name, *a: None if name == "blackjax" else real(name, *a))
@@ -98,12 +108,31 @@ def test_peer_builders_skip_when_the_library_is_missing(monkeypatch):
         assert isinstance(value, harness.Skipped)
         assert "blackjax not installed" in value.reason and ".[peers]" in value.reason
     peers.disable("peers disabled (--no-peers)")
-    try:
-        out = peers.numpyro_svi_autonormal(torch.zeros(3, 2), torch.zeros(3), torch.ones(2),
-                                           lr=0.1)
-        assert out == {"numpyro_svi": harness.Skipped("peers disabled (--no-peers)")}
-    finally:
-        peers.enable()
+    out = peers.numpyro_svi_autonormal(torch.zeros(3, 2), torch.zeros(3), torch.ones(2), lr=0.1)
+    assert out == {"numpyro_svi": harness.Skipped("peers disabled (--no-peers)")}
+
+
+def test_cli_no_peers_and_threads(tmp_path):
+    from benchmarks.__main__ import main
+
+    report = tmp_path / "RESULTS.md"
+    assert main(["_test_peer_skipped", "--no-peers", "--threads", "1", "--out", str(tmp_path),
+                 "--report", str(report)]) == 0
+    assert torch.get_num_threads() == 1
+    assert "| peer_y | skipped: peerlib not installed" in report.read_text()
+    with pytest.raises(SystemExit):
+        main(["_test_peer_skipped", "--threads", "0"])
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity here")
+def test_configure_cpus_pins_the_process():
+    """One core each: the affinity mask (which also sizes XLA's thread pool) and JAX on CPU."""
+    code = ("import os; from benchmarks import peers; done = peers.configure_cpus(1); "
+            "print(len(os.sched_getaffinity(0)), os.environ['JAX_PLATFORMS'], done['cpus'])")
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, env=env, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert out.stdout.split()[:2] == ["1", "cpu"]
 
 
 def test_accuracy_gate_check():
