@@ -272,8 +272,15 @@ def baseline_of(results: dict) -> str | None:
     return next((k for k in timed if k.startswith("pyroforge")), timed[0] if timed else None)
 
 
+def _process_warm_up() -> None:
+    """Pay once per process the lazy imports that would land in whichever implementation's
+    first call comes first: torch's first optimizer imports ``torch._dynamo`` (seconds)."""
+    torch.optim.Adam([torch.zeros(1, requires_grad=True)])
+
+
 def run(name: str, quick: bool = False, out_dir: str | None = None) -> dict:
     """Run benchmark ``name`` and return (and optionally write) its JSON-able result."""
+    _process_warm_up()
     registry = discover()
     if name not in registry:
         raise KeyError(f"unknown benchmark {name!r}; available: {', '.join(sorted(registry))}")

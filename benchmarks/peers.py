@@ -175,18 +175,14 @@ def blackjax_sgld(X, y, prior_scale, *, batch_size: int, step_size: float, num_s
     return {"blackjax_sgld_step": per_step, "blackjax_sgld_scan": scanned}
 
 
-@_peer(("numpyro_svi",), "jax", "numpyro")
-def numpyro_svi_autonormal(X, y, prior_scale, *, lr: float, seed: int = 0):
-    """NumPyro ``SVI`` with ``AutoNormal``, ``Trace_ELBO`` (one particle) and Adam: one jitted
-    ``svi.update`` per call."""
+def _numpyro_svi_step(X, y, prior_scale, elbo, lr: float, seed: int):
     import jax
-    from numpyro.infer import SVI, Trace_ELBO
+    from numpyro.infer import SVI
     from numpyro.infer.autoguide import AutoNormal
     from numpyro.optim import Adam
 
     args = (to_jax(X), to_jax(y), to_jax(prior_scale))
-    guide = AutoNormal(numpyro_logistic_model)
-    svi = SVI(numpyro_logistic_model, guide, Adam(lr), Trace_ELBO())
+    svi = SVI(numpyro_logistic_model, AutoNormal(numpyro_logistic_model), Adam(lr), elbo)
     update = jax.jit(svi.update)
     state = {"svi": svi.init(jax.random.key(seed), *args)}
 
@@ -195,7 +191,26 @@ def numpyro_svi_autonormal(X, y, prior_scale, *, lr: float, seed: int = 0):
         loss.block_until_ready()
         state["svi"] = new
 
-    return {"numpyro_svi": step}
+    return step
+
+
+@_peer(("numpyro_svi",), "jax", "numpyro")
+def numpyro_svi_autonormal(X, y, prior_scale, *, lr: float, seed: int = 0):
+    """NumPyro ``SVI`` with ``AutoNormal``, ``Trace_ELBO`` (one particle) and Adam: one jitted
+    ``svi.update`` per call."""
+    from numpyro.infer import Trace_ELBO
+
+    return {"numpyro_svi": _numpyro_svi_step(X, y, prior_scale, Trace_ELBO(), lr, seed)}
+
+
+@_peer(("numpyro_renyi",), "jax", "numpyro")
+def numpyro_svi_iwelbo(X, y, prior_scale, *, num_particles: int, lr: float, seed: int = 0):
+    """As :func:`numpyro_svi_autonormal` with ``RenyiELBO(alpha=0, num_particles)`` (the
+    IWELBO; particles vectorised)."""
+    from numpyro.infer import RenyiELBO
+
+    elbo = RenyiELBO(alpha=0.0, num_particles=num_particles)
+    return {"numpyro_renyi": _numpyro_svi_step(X, y, prior_scale, elbo, lr, seed)}
 
 
 @_peer(("numpyro_steinvi_svgd",), "jax", "numpyro")
@@ -354,6 +369,7 @@ __all__ = [
     "numpyro_renyi_mixture",
     "numpyro_svgd",
     "numpyro_svi_autonormal",
+    "numpyro_svi_iwelbo",
     "to_jax",
     "unavailable",
 ]
