@@ -66,6 +66,7 @@ def test_markdown_report(tmp_path):
     assert main(["_test_sleep", "--out", str(tmp_path), "--report", str(report)]) == 0
     text = report.read_text()
     assert "| _test_sleep | time(slow) / time(fast) >= 1.5 |" in text and "do not edit by hand" in text
+    assert "| benchmark | target | measured | CPU-time ratio | status |" in text
 
 
 # ----------------------------------------------------------------------------- peers and gates
@@ -91,6 +92,9 @@ def test_skipped_peer_is_recorded_not_timed(tmp_path):
     assert skipped_target["met"] is None and skipped_target["ratio"] is None
     assert "peer_y skipped: peerlib not installed" in skipped_target["note"]
     assert measured_target["met"] is True
+    cpu = record["results"]["pyroforge_x"]["median_cpu_s"] / record["results"]["torch_z"][
+        "median_cpu_s"]
+    assert measured_target["cpu_ratio"] == pytest.approx(cpu)
     text = harness.markdown_report([record], "test")
     assert "| peer_y | skipped: peerlib not installed" in text
     assert "not measured (peer_y skipped" in text
