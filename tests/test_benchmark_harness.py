@@ -309,3 +309,11 @@ def test_jax_peer_builders_run():
         call()
     draws = peers.numpyro_nuts_runner(X, y, s, num_warmup=50, num_samples=50)()
     assert draws.shape == (50, 3) and torch.isfinite(draws).all()
+
+
+def test_gpu_check_benchmark_subprocess_reports_errors(tmp_path):
+    from benchmarks import gpu_check
+
+    out = gpu_check.run_benchmark("no_such_benchmark", str(tmp_path), 120)
+    assert out["benchmark"] == "no_such_benchmark"
+    assert out["error"].startswith("exit 2: unknown benchmark(s): no_such_benchmark")
