@@ -13,12 +13,16 @@ from mcmc.coin import CoinBetting, FunctionPotential
 from mcmc.coin_svgd import CoinSVGD
 from models.device import resolve_device
 
+from . import peers
 from .harness import Target, benchmark
 
 
 @benchmark(
     "coin_svgd_step_logistic",
-    targets=[Target("pyroforge_coin_svgd", "pyro_svgd_adam", "<=", 1.1)],
+    targets=[
+        Target("pyroforge_coin_svgd", "pyro_svgd_adam", "<=", 1.1),
+        Target("pyroforge_coin_svgd", "numpyro_steinvi_svgd", "<=", 1.5),
+    ],
 )
 def coin_svgd_step(quick: bool):
     """One step of 100-particle SVGD on logistic_regression (31 weights, 455 rows).
@@ -26,7 +30,9 @@ def coin_svgd_step(quick: bool):
     ``pyroforge_coin_svgd``: :class:`mcmc.coin_svgd.CoinSVGD` (RBF median kernel, coin betting,
     particle-major packing). ``pyro_svgd_adam``: ``pyro.infer.SVGD`` with ``RBFSteinKernel`` and
     Adam. ``pyro_svgd_coinbetting``: Pyro's SVGD with ``PyroOptim(CoinBetting, {})`` (isolates the
-    optimizer's cost: Adam vs coin betting inside the same Pyro step)."""
+    optimizer's cost: Adam vs coin betting inside the same Pyro step). ``numpyro_steinvi_svgd``:
+    NumPyro's ``contrib.einstein.SVGD`` (``RBFKernel``, median bandwidth; Adam), one jitted
+    ``update`` per call, on the CPU whatever the torch device."""
     device = resolve_device("auto")
     spec = models.get("logistic_regression", device=device, with_reference=False)
     n = 100
@@ -52,11 +58,14 @@ def coin_svgd_step(quick: bool):
 
         return call
 
-    return {
+    impls = {
         "pyroforge_coin_svgd": lambda: coin.step(*spec.args, **spec.kwargs),
         "pyro_svgd_adam": run_pyro(adam, adam_state),
         "pyro_svgd_coinbetting": run_pyro(cb, cb_state),
     }
+    X, y = spec.args
+    impls.update(peers.numpyro_svgd(X, y, spec.kwargs["prior_scale"], num_particles=n, lr=0.01))
+    return impls
 
 
 @benchmark("coin_svgd_scaling", repeats=3, warmup=1)
