@@ -325,6 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pyroforge", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="list zoo models and registered methods")
+    sub.add_parser("federated", help="FSGLD/DSGLD, one process per shard (under torchrun); "
+                   "see `pyroforge federated --help`")
 
     def common(p, num_samples):
         p.add_argument("--num-samples", type=int, default=num_samples, help="posterior draws")
@@ -367,6 +369,11 @@ def parse_options(pairs: list[str]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["federated"]:  # its own parser: models/federated_cli.py
+        from .federated_cli import main as federated_main
+
+        return federated_main(argv[1:])
     args = build_parser().parse_args(argv)
     if hasattr(args, "option"):
         args.options = parse_options(args.option)

@@ -110,15 +110,17 @@ def _federated_method(name: str, method: str, description: str) -> None:
         _, mode, step = mode_and_step(spec, config)
         tau = int(config.options.get("tau", 10))
         num_chains = int(config.options.get("num_chains", 4))
+        # the zoo's shard models scale their own likelihood (num_total=N)
         sampler = FederatedSGLD(spec.model, spec.shards, method=method, step_size=step, tau=tau,
                                 subsample_size=config.options.get("subsample_size"),
+                                scale_likelihood=False,
                                 max_plate_nesting=spec.max_plate_nesting, seed=config.seed,
                                 shard_sizes=spec.options.get("shard_sizes"))
         rounds = -(-config.num_samples // tau)
-        _, packet = sampler.run(max(rounds // 2, 1), num_chains,
-                                   initial_params=mode.expand(num_chains, -1))
-        z, _ = sampler.run(rounds, num_chains, packet=packet, progress=config.progress)
-        draws = sampler.constrain(z[:, : config.num_samples])
+        draws = sampler.sample_chains(config.num_samples, num_chains=num_chains,
+                                      warmup_steps=max(rounds // 2, 1) * tau,
+                                      initial_params=mode.expand(num_chains, -1),
+                                      progress=config.progress)
         wall = time.perf_counter() - start
         return chains_result(name, spec, draws, wall,
                              ess_defined=True, info={"step_size": step, "tau": tau,
@@ -168,10 +170,10 @@ def _proximal_method(name: str, method: str, description: str) -> None:
                                          max_plate_nesting=spec.max_plate_nesting)
         num_chains = int(config.options.get("num_chains", 8))
         warmup = config.num_warmup if config.num_warmup is not None else config.num_samples
-        draws = kernel.run_chains(*spec.args, num_chains=num_chains,
-                                  num_samples=config.num_samples, warmup_steps=warmup,
-                                  initial_params=pot.unpack(mode), progress=config.progress,
-                                  **spec.kwargs)
+        draws = kernel.sample_chains(config.num_samples, num_chains=num_chains,
+                                     warmup_steps=warmup, model_args=spec.args,
+                                     model_kwargs=spec.kwargs, initial_params=pot.unpack(mode),
+                                     progress=config.progress)
         wall = time.perf_counter() - start
         return chains_result(name, spec, draws, wall,
                              ess_defined=True, info={"step_size": step, "num_chains": num_chains})
