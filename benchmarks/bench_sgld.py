@@ -43,7 +43,7 @@ def sgld_step_time(quick: bool):
 
     def pyroforge_sgld():
         for _ in range(steps):
-            kernel.step()
+            kernel.driver.step()
 
     def torch_loop_sgld():
         w = state["w"]
@@ -61,6 +61,47 @@ def sgld_step_time(quick: bool):
         state["w"] = w
 
     return {"pyroforge_sgld": pyroforge_sgld, "torch_loop_sgld": torch_loop_sgld}
+
+
+@benchmark("sgld_chains_step", repeats=10, warmup=2)
+def sgld_chains_step(quick: bool):
+    """256 SGLD chains (quick: 64) on logistic_regression_synthetic with 1000 rows, d = 10; each
+    call runs 5 steps of all chains. How the potential layer evaluates many chains
+    (:mod:`mcmc.potential`): ``full_plate`` -- full data, one model run under a chain plate (the
+    vectorised path for models that broadcast); ``full_vmap`` -- the same through
+    ``torch.func.vmap`` (the fallback for models that do not broadcast); ``minibatch_per_chain``
+    -- 100 rows per chain, each chain its own rows (vmap, ``C * B`` rows in all);
+    ``minibatch_shared`` -- one 100-row minibatch for every chain (chain plate);
+    ``minibatch_per_chain_loop`` -- per-chain minibatches with one model run per chain (the last
+    resort for models that neither broadcast nor vmap)."""
+    device = resolve_device("auto")
+    C = 64 if quick else 256
+    spec = models.get("logistic_regression_synthetic", num_rows=1000, dim=10, device=device)
+    steps = 5
+
+    def make(**kw):
+        kernel = SGLD(spec.model, step_size=1e-4, seed=0, **kw)
+        kernel.setup_potential(spec.args, spec.kwargs)
+        kernel.init_state(C, torch.zeros(C, 10, device=device))
+
+        def call():
+            for _ in range(steps):
+                kernel.driver.step()
+            return {"chains": C, "path": kernel.potential.vectorization(
+                per_chain=kw.get("subsample_size") is not None
+                and not kw.get("shared_minibatch", False))}
+
+        return call
+
+    return {
+        "full_plate": make(),
+        "full_vmap": make(vectorize="vmap"),
+        "minibatch_per_chain": make(subsample_size=100, with_replacement=True),
+        "minibatch_shared": make(subsample_size=100, with_replacement=True,
+                                 shared_minibatch=True),
+        "minibatch_per_chain_loop": make(subsample_size=100, with_replacement=True,
+                                         vectorize="loop"),
+    }
 
 
 @benchmark(

@@ -71,6 +71,7 @@ Vectorisation is an optimisation, never a requirement.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import re
@@ -219,6 +220,24 @@ def _model_name(model) -> str:
     return getattr(model, "__name__", None) or type(model).__name__
 
 
+def _uniform_radius(strategy) -> float | None:
+    """The radius of Pyro's ``init_to_uniform`` (bare or ``functools.partial``), else None."""
+    if strategy is init_to_uniform:
+        return 2.0
+    if (isinstance(strategy, functools.partial) and strategy.func is init_to_uniform
+            and not strategy.args and set(strategy.keywords) <= {"radius"}):
+        return float(strategy.keywords.get("radius", 2.0))
+    return None
+
+
+def _grad_or_zero(u: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """``grad of u.sum()`` with respect to ``z``; zero where ``u`` does not depend on ``z``."""
+    if not u.requires_grad:
+        return torch.zeros_like(z)
+    (g,) = torch.autograd.grad(u.sum(), z, allow_unused=True)
+    return torch.zeros_like(z) if g is None else g
+
+
 def _first_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return f"{type(err).__name__}: {text[0][:300] if text else ''}"
@@ -364,6 +383,16 @@ class Potential:
                             return trace()
                         except Exception:  # noqa: BLE001 - the first error is the useful one
                             raise first from None
+            except TypeError as e:
+                if "subsample_size" in str(e) and "subsample_size" in self.model_kwargs:
+                    raise TypeError(
+                        f"model {_model_name(self.model)!r} does not take a subsample_size "
+                        f"keyword ({str(e).splitlines()[0]}); ask the sampler for minibatches "
+                        f"instead: {self.owner}(model, subsample_size=B) (the model indexes its "
+                        "data with the plate's indices: `with pyro.plate('data', N) as idx: "
+                        "... obs=y[idx]`)"
+                    ) from e
+                raise
             except NotImplementedError as e:
                 if "does not support sampling" in str(e):
                     raise ValueError(
@@ -823,8 +852,8 @@ class Potential:
                                                for k, v in rows.items()}
                 us.append(self._one({k: v[c] for k, v in values.items()}, r, None, True))
             u = torch.stack(us) + log_det
-            (g,) = torch.autograd.grad(u.sum(), zz, allow_unused=True)
-        return u.detach(), (torch.zeros_like(zz) if g is None else g)
+            g = _grad_or_zero(u, zz)
+        return u.detach(), g
 
     def _compare(self, fn, per_chain: bool) -> str | None:
         z = self._test_points()
@@ -838,8 +867,7 @@ class Potential:
                 zz = z.detach().requires_grad_(True)
                 values, log_det = self._constrain(zz)
                 u = fn(values, rows) + log_det
-                (g,) = torch.autograd.grad(u.sum(), zz, allow_unused=True)
-            g = torch.zeros_like(zz) if g is None else g
+                g = _grad_or_zero(u, zz)
         except Exception as e:  # noqa: BLE001 - any failure means: use another path
             return _first_line(e)
         rtol = 1e-4 if self.dtype == torch.float64 else 2e-3
@@ -891,11 +919,8 @@ class Potential:
         with torch.enable_grad():
             zz = z.detach().requires_grad_(True)
             u = self(zz, indices)
-            if u.requires_grad:
-                (g,) = torch.autograd.grad(u.sum(), zz, allow_unused=True)
-            else:
-                g = None
-        return u.detach(), (torch.zeros_like(zz) if g is None else g.detach())
+            g = _grad_or_zero(u, zz)
+        return u.detach(), g.detach()
 
     def log_density(self, values: dict[str, torch.Tensor]) -> torch.Tensor:
         """Full-data log joint ``log p(D, x)`` at *constrained* latent values
@@ -924,7 +949,11 @@ class Potential:
         """Initial points ``(num_chains, D)`` (unconstrained) drawn with a Pyro init strategy
         (default: the potential's ``init_strategy``), redrawn per chain until ``U`` and its
         full-data gradient are finite. Raises ``ValueError`` naming the model sites whose
-        log-density is not finite otherwise."""
+        log-density is not finite otherwise.
+
+        ``init_to_uniform`` (the default) is drawn directly in unconstrained space, so the points
+        do not depend on the vectorisation; other strategies run the model once under the chain
+        plate (or once per chain when the model does not broadcast)."""
         if isinstance(num_chains, bool) or not isinstance(num_chains, int) or num_chains < 1:
             raise ValueError(f"num_chains must be a positive int, got {num_chains!r}")
         strategy = self.init_strategy if init_strategy is None else init_strategy
@@ -963,6 +992,12 @@ class Potential:
         return False
 
     def _draw_init(self, C: int, init_strategy: Callable) -> torch.Tensor:
+        radius = _uniform_radius(init_strategy)
+        if radius is not None:
+            # init_to_uniform is uniform on (-radius, radius) in unconstrained space: draw it
+            # directly, the same points whatever the vectorisation (and C model runs cheaper)
+            u = torch.rand((C, self.dim), dtype=self.dtype, device=self.device)
+            return (2 * u - 1) * radius
         if C > 1 and self.vectorization(False) == "plate":
             # The chain plate sits *inside* InitMessenger so that init strategies see the
             # chain-broadcast distributions and draw a different point per chain.

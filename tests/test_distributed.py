@@ -61,3 +61,19 @@ def test_dead_or_hung_worker_fails_the_others_within_the_timeout(kind):
     expected = "its process died" if kind == "die" else "timed out after 5 s"
     assert expected in msg0
     assert res[1][0] == "lost"  # died (no result) or hung (terminated by spawn_local)
+
+
+def test_federated_command_line_without_torchrun(monkeypatch, capsys):
+    """`pyroforge federated` / `python -m models.federated_cli` (the torchrun entry point, which
+    lives on the models side: mcmc never imports models) says how to launch it."""
+    from models import cli, federated_cli
+
+    for var in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(SystemExit, match="run it under torchrun, one process per shard"):
+        federated_cli.main(["--model", "federated_blobs", "--rounds", "2"])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["federated", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "--model" in out and "--tau" in out and "torchrun" in out

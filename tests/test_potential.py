@@ -281,6 +281,14 @@ def test_bad_input():
     pot2 = Potential(two_data_plates, (x, y), subsample_size={"a": 5})
     assert list(pot2.minibatch_plates) == ["a"]
 
+    def no_keyword(x, y):
+        regression_model(x, y)
+
+    # a subsample_size model argument for a model without that keyword: say what to do instead
+    with pytest.raises(TypeError, match=r"does not take a subsample_size keyword.*ask the "
+                       r"sampler for minibatches instead: Potential\(model, subsample_size=B\)"):
+        Potential(no_keyword, (x, y), {"subsample_size": 5})
+
 
 def test_plate_declared_in_the_model_and_the_zoo_keyword():
     """A model whose plate fixes subsample_size (Pyro's SVI style): the potential draws that
