@@ -3,19 +3,23 @@ against Pyro NUTS on the same model: posterior means within 0.2 NUTS sd and sds 
 
 How the runs are set up (and why the tolerances hold with room to spare):
 
-* Langevin samplers (SGLD full batch and minibatch, pSGLD, CV-SGLD, MYULA/BMUMLA, FSGLD) take a
-  step ``h = c / lambda_max`` with ``lambda_max`` the largest eigenvalue of the potential's
-  Hessian at the reference posterior mean. Their finite-step bias on a Gaussian target (the
-  linear-Gaussian stationary formula of ``tests/test_sgld.py``) inflates a variance by
+* Langevin samplers (SGLD full batch and minibatch, pSGLD, CV-SGLD, MYULA/BMUMLA, FSGLD) start
+  256 chains at distinct NUTS reference draws, run ``T`` warm-up steps and keep 8 draws ``T / 4``
+  apart, where ``T = 1 / (h lambda_min)`` is the slowest relaxation time; ``h = c / lambda_max``
+  with ``lambda_min``, ``lambda_max`` the extreme eigenvalues of the potential's Hessian at a
+  local mode (pSGLD, whose RMSprop preconditioner is ``~ 1 / sqrt(lambda)`` per direction:
+  ``h = c / sqrt(lambda_max)``, ``T = 1 / (h sqrt(lambda_min))``). The comparison therefore sees
+  each sampler's stationary law, finite-step bias included. That bias, on a Gaussian target (the
+  linear-Gaussian stationary formula of ``tests/test_sgld.py``), multiplies a variance by
   ``1 / (1 - h lambda / 2)`` in full batch and by a further ``1 + h V / 2`` with minibatch
-  gradient noise ``V ~ (N / B) lambda``: at ``c = 0.05`` and ``N / B <= 10`` at most ~1.3 % and
-  ~13 % in variance, i.e. <= 7 % in sd. The chains start at distinct NUTS reference draws and run
-  ``2 T`` warm-up steps then draws spaced ``T / 2`` (``T = 1 / (h lambda_min)``, the slowest
-  relaxation time), so the comparison sees the sampler's stationary law, bias included. 256
-  chains give Monte-Carlo errors of ~0.05 sd on means and ~3 % on sds.
+  gradient noise ``V ~ (N / B) lambda``: ``c = 0.05`` in full batch (<= 1.3 % in variance) and
+  ``c = 0.02`` with minibatches (``N / B <= 10``: <= 10 % in variance, 5 % in sd). Monte-Carlo
+  errors: ~0.05 sd on means, ~3 % on sds (NUTS reference: 2000 draws).
 * Particle samplers (Coin SVGD, Coin KSDD) start at draws from the Laplace approximation at the
-  mode (the mode and Hessian from :func:`mcmc.find_mode`; for the centred eight schools, which
-  has no mode, at reference draws) and run without a learning rate.
+  mode (the centred eight schools, which has no mode: at reference draws) and run without a
+  learning rate. Where they do not match NUTS the test is a strict ``xfail`` whose reason gives
+  the measured numbers and the cause (SVGD's finite-particle variance collapse in higher
+  dimensions; coin betting's scale, issue 14); they all run on every model.
 * Two models are compared on functionals: the net on its predictive mean at three inputs and
   its noise scale (the weights are identified only up to the net's symmetries), the centred
   eight schools on (mu, tau, theta) from NUTS on the non-centred model (NUTS itself diverges in
