@@ -805,7 +805,16 @@ class Potential:
                 if self._check_vmap(per_chain) is not None:
                     mode, reason = "loop", reason + " and vmap failed"
             else:
-                mode, reason = self.vectorize, "forced by vectorize="
+                mode, reason = self.vectorize, f"vectorize={self.vectorize!r}"
+                err = {"plate": lambda: self._check_plate(),
+                       "vmap": lambda: self._check_vmap(per_chain),
+                       "loop": lambda: None}[mode]()
+                if err is not None:
+                    raise ValueError(
+                        f"{self.owner}(..., vectorize={mode!r}): model "
+                        f"{_model_name(self.model)!r} cannot be evaluated that way ({err}); use "
+                        "vectorize='auto' (it picks a path that works)"
+                    )
         else:
             plate_err = None if per_chain else self._check_plate()
             if not per_chain and plate_err is None:

@@ -400,6 +400,11 @@ def test_the_vectorisation_is_chosen_by_checking_and_logged(caplog):
     loop = [r for r in caplog.records if "'branching_model'" in r.getMessage()]
     assert len(loop) == 1 and loop[0].levelname == "WARNING" and "vmap failed too" in \
         loop[0].getMessage()
+    # forcing a path the model cannot take is a clear error, not a wrong answer
+    pot = Potential(matmul_model, (x, y), vectorize="plate")
+    with pytest.raises(ValueError, match=r"vectorize='plate'\): model 'matmul_model' cannot be "
+                       r"evaluated that way.*use vectorize='auto'"):
+        pot(pot.initial_params(1).expand(3, -1))
 
 
 def test_flat_improper_prior_with_init_to_value():

@@ -232,16 +232,19 @@ def test_cvsgld(name):
 @pytest.mark.parametrize("name", NONSMOOTH)
 @pytest.mark.parametrize("method", ["myula", "bmumla"])
 def test_proximal(name, method):
-    """MYULA / hypentropy BMUMLA with the marked Laplace site as an L1 term (its smoothing bias
-    shrinks with lam = step_size; at c = 0.02 it is below the tolerances here)."""
+    """MYULA / hypentropy BMUMLA with the marked Laplace site as an L1 term, on minibatches
+    where the model takes them (the envelope's smoothing bias shrinks with lam = step_size; at
+    c = 0.02 it is below the tolerances here)."""
     m = CORPUS[name]
     geo = Geometry(m)
     terms = {site: L1(w) for site, w in m.nonsmooth.items()}
     mirror = None if method == "myula" else Hypentropy(0.1)
     d = _langevin_run(lambda h: BregmanProximalLangevin(m.model, terms, mirror, method=method,
-                                                        step_size=h, seed=0, **_options(m)),
+                                                        step_size=h, seed=0,
+                                                        subsample_size=_subsample(m),
+                                                        **_options(m)),
                       m, geo, 0.02)
-    _compare(m, d, method)
+    _compare(m, d, method + " (minibatch)" if m.minibatch else method)
 
 
 # --------------------------------------------------------------------------------- federated
