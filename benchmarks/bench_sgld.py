@@ -137,6 +137,7 @@ def sgld_ess_vs_nuts(quick: bool):
             model_args=spec.args,
             model_kwargs=spec.kwargs,
             initial_params=torch.zeros(1, spec.args[0].shape[1], device=device),
+            progress=False,
         )["w"][0]
         out = {"ess": min_ess(draws)}
         if "v" in ref_var:
