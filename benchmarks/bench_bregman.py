@@ -45,7 +45,7 @@ def bregman_myula_steps(quick: bool):
     def pyroforge_myula():
         x = x0
         for _ in range(num_steps):
-            x = myula_step(x, _grad_f, g, gamma=GAMMA, lam=LAM, generator=gen)
+            x = myula_step(x, _grad_f, g, step_size=GAMMA, lam=LAM, generator=gen)
 
     def torch_loop_myula():
         x = x0
@@ -71,12 +71,12 @@ def bregman_bmumla_steps(quick: bool):
     def pyroforge_myula():
         x = x0
         for _ in range(num_steps):
-            x = myula_step(x, _grad_f, g, gamma=GAMMA, lam=LAM, generator=gen)
+            x = myula_step(x, _grad_f, g, step_size=GAMMA, lam=LAM, generator=gen)
 
     def pyroforge_bmumla_hypentropy():
         x = x0
         for _ in range(num_steps):
-            x = bmumla_step(x, _grad_f, g, mirror, gamma=GAMMA, lam=LAM, generator=gen)
+            x = bmumla_step(x, _grad_f, g, mirror, step_size=GAMMA, lam=LAM, generator=gen)
 
     return {"pyroforge_myula": pyroforge_myula,
             "pyroforge_bmumla_hypentropy": pyroforge_bmumla_hypentropy}

@@ -14,7 +14,7 @@ import torch
 from pyro.ops.stats import effective_sample_size
 
 import models
-from mcmc.diagnostics import mean_error
+from models.metrics import mean_error
 from mcmc.sgld import CVSGLD, SGLD
 from models.device import resolve_device
 
@@ -59,7 +59,7 @@ def sgld_step_time(quick: bool):
 
     def pyroforge_sgld():
         for _ in range(steps):
-            kernel.step()
+            kernel.driver.step()
 
     def torch_loop_sgld():
         w = state["w"]
@@ -80,6 +80,47 @@ def sgld_step_time(quick: bool):
     impls.update(peers.blackjax_sgld(X, y, prior_scale, batch_size=B, step_size=h,
                                      num_steps=steps))
     return impls
+
+
+@benchmark("sgld_chains_step", repeats=10, warmup=2)
+def sgld_chains_step(quick: bool):
+    """256 SGLD chains (quick: 64) on logistic_regression_synthetic with 1000 rows, d = 10; each
+    call runs 5 steps of all chains. How the potential layer evaluates many chains
+    (:mod:`mcmc.potential`): ``full_plate`` -- full data, one model run under a chain plate (the
+    vectorised path for models that broadcast); ``full_vmap`` -- the same through
+    ``torch.func.vmap`` (the fallback for models that do not broadcast); ``minibatch_per_chain``
+    -- 100 rows per chain, each chain its own rows (vmap, ``C * B`` rows in all);
+    ``minibatch_shared`` -- one 100-row minibatch for every chain (chain plate);
+    ``minibatch_per_chain_loop`` -- per-chain minibatches with one model run per chain (the last
+    resort for models that neither broadcast nor vmap)."""
+    device = resolve_device("auto")
+    C = 64 if quick else 256
+    spec = models.get("logistic_regression_synthetic", num_rows=1000, dim=10, device=device)
+    steps = 5
+
+    def make(**kw):
+        kernel = SGLD(spec.model, step_size=1e-4, seed=0, **kw)
+        kernel.setup_potential(spec.args, spec.kwargs)
+        kernel.init_state(C, torch.zeros(C, 10, device=device))
+
+        def call():
+            for _ in range(steps):
+                kernel.driver.step()
+            return {"chains": C, "path": kernel.potential.vectorization(
+                per_chain=kw.get("subsample_size") is not None
+                and not kw.get("shared_minibatch", False))}
+
+        return call
+
+    return {
+        "full_plate": make(),
+        "full_vmap": make(vectorize="vmap"),
+        "minibatch_per_chain": make(subsample_size=100, with_replacement=True),
+        "minibatch_shared": make(subsample_size=100, with_replacement=True,
+                                 shared_minibatch=True),
+        "minibatch_per_chain_loop": make(subsample_size=100, with_replacement=True,
+                                         vectorize="loop"),
+    }
 
 
 GATE = AccuracyGate(max_mean_error_sd=0.2, var_ratio_range=(0.9, 1.1))
@@ -202,6 +243,7 @@ def _gated_ess(n: int, quick: bool):
             model_args=spec.args,
             model_kwargs=spec.kwargs,
             initial_params=torch.zeros(1, spec.args[0].shape[1], device=device),
+            progress=False,
         )["w"][0]
         return summarise(draws)
 

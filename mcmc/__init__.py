@@ -1,28 +1,31 @@
-"""Gradient-based samplers for Pyro models, and diagnostics shared by every sampler."""
-from mcmc.bregman import (  # noqa: F401  (Bregman proximal Langevin: BMUMLA, MYULA)
+"""Gradient-based samplers for any Pyro model that NUTS runs on, and their shared pieces.
+
+* potential layer: :class:`Potential` (one chain as NUTS runs it; chains vectorised by a chain
+  plate, ``torch.func.vmap`` or a loop; minibatches the Pyro way);
+* one chain driver: :class:`ChainDriver` / :class:`LangevinKernel` (warm-up, thinning,
+  progress bar, NaN checks, checkpoints);
+* samplers: SGLD family, federated SGLD, Bregman proximal Langevin, coin sampling;
+* their building blocks: step functions, schedules, proximal terms, mirror maps, Stein kernels.
+
+Vocabulary used everywhere: ``step_size``, ``thinning``, ``num_chains``, ``num_samples``,
+``warmup_steps``, ``subsample_size``, ``seed``.
+"""
+
+from mcmc.bregman import (
     BregmanProximalLangevin,
     bmumla_step,
     bregman_proximal_gradient_step,
     envelope_grad,
     myula_step,
-    sample_chains,
 )
-from mcmc.coin import CoinBetting, FunctionPotential  # noqa: F401  (coin sampling)
-from mcmc.coin_ksdd import CoinKSDD  # noqa: F401
-from mcmc.coin_msvgd import CoinMSVGD  # noqa: F401
-from mcmc.coin_svgd import CoinSVGD  # noqa: F401
-from mcmc.federated import (  # noqa: F401  (DSGLD / FSGLD)
-    FederatedSGLD,
-    ShardApproximation,
-    fit_shard_approximation,
-)
-from mcmc.kernels import (  # noqa: F401  (Stein kernels, KSD)
-    IMQKernel,
-    RBFKernel,
-    kernel_stein_discrepancy,
-    ksd,
-)
-from mcmc.mirror import (  # noqa: F401  (mirror maps: Bregman samplers, Coin MSVGD)
+from mcmc.chains import ChainDriver, LangevinKernel
+from mcmc.coin import CoinBetting, FunctionPotential
+from mcmc.coin_ksdd import CoinKSDD
+from mcmc.coin_msvgd import CoinMSVGD
+from mcmc.coin_svgd import CoinSVGD
+from mcmc.federated import FederatedSGLD, ShardApproximation, fit_shard_approximation
+from mcmc.kernels import IMQKernel, RBFKernel, kernel_stein_discrepancy, ksd
+from mcmc.mirror import (
     BoltzmannShannon,
     Burg,
     Euclidean,
@@ -31,8 +34,8 @@ from mcmc.mirror import (  # noqa: F401  (mirror maps: Bregman samplers, Coin MS
     MirrorMap,
     SimplexEntropy,
 )
-from mcmc.potential import Potential, check_finite  # noqa: F401  (shared potential layer)
-from mcmc.prox import (  # noqa: F401  (proximal operators, Euclidean and Bregman)
+from mcmc.potential import Potential, check_finite
+from mcmc.prox import (
     L1,
     L2,
     TV1D,
@@ -43,13 +46,55 @@ from mcmc.prox import (  # noqa: F401  (proximal operators, Euclidean and Bregma
     Simplex,
     supported_pairs,
 )
-from mcmc.schedules import Constant, Cyclical, Polynomial  # noqa: F401  (step-size schedules)
-from mcmc.sgld import (  # noqa: F401  (SGLD family: Pyro MCMCKernels + pure step functions)
-    CVSGLD,
-    SGLD,
-    cv_gradient,
-    find_mode,
-    pSGLD,
-    psgld_step,
-    sgld_step,
-)
+from mcmc.schedules import ConstantSchedule, CyclicalSchedule, PolynomialSchedule
+from mcmc.sgld import CVSGLD, SGLD, cv_gradient, find_mode, pSGLD, psgld_step, sgld_step
+
+__all__ = [
+    "CVSGLD",
+    "L1",
+    "L2",
+    "SGLD",
+    "TV1D",
+    "BoltzmannShannon",
+    "Box",
+    "BregmanProximalLangevin",
+    "Burg",
+    "ChainDriver",
+    "CoinBetting",
+    "CoinKSDD",
+    "CoinMSVGD",
+    "CoinSVGD",
+    "ConstantSchedule",
+    "CyclicalSchedule",
+    "Euclidean",
+    "FederatedSGLD",
+    "FermiDirac",
+    "FunctionPotential",
+    "GroupL1",
+    "Hypentropy",
+    "IMQKernel",
+    "LangevinKernel",
+    "MirrorMap",
+    "NonNegative",
+    "NonsmoothTerm",
+    "PolynomialSchedule",
+    "Potential",
+    "RBFKernel",
+    "ShardApproximation",
+    "Simplex",
+    "SimplexEntropy",
+    "bmumla_step",
+    "bregman_proximal_gradient_step",
+    "check_finite",
+    "cv_gradient",
+    "envelope_grad",
+    "find_mode",
+    "fit_shard_approximation",
+    "kernel_stein_discrepancy",
+    "ksd",
+    "myula_step",
+    "pSGLD",
+    "psgld_step",
+    "sgld_step",
+    "supported_pairs",
+]

@@ -55,32 +55,34 @@ Use small steps and float64 there.
 
 Pure step functions take ``x`` of shape ``(C, d)`` (``C`` chains), ``grad_f`` either a callable
 ``x -> (C, d)`` or the precomputed gradient ``(C, d)``, and a ``torch.Generator`` (or explicit
-``noise``), and return the next ``(C, d)`` state. They do not check for NaN (keep them cheap);
-:func:`sample_chains` and :class:`BregmanProximalLangevin` do, via
-:func:`mcmc.potential.check_finite`.
+``noise``), and return the next ``(C, d)`` state. They do not check for NaN (keep them cheap).
+:func:`sample_chains` (a plain ``grad_f`` on ``R^d``) and :class:`BregmanProximalLangevin` (a Pyro
+model) run them through the one chain driver :class:`mcmc.chains.ChainDriver` (warm-up,
+thinning, progress bar, NaN checks naming the iteration, chains and sites, checkpoints), with the
+package's vocabulary: ``step_size`` (gamma), ``thinning``, ``num_chains``, ``num_samples``,
+``warmup_steps``, ``seed``.
+
+A smooth part that does not depend on a site (e.g. a pure Laplace prior with no likelihood) has a
+zero gradient there; the samplers then move by the envelope and the noise alone.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
-from pyro.infer.autoguide.initialization import init_to_uniform
-from pyro.infer.mcmc.mcmc_kernel import MCMCKernel
-from torch.distributions.transforms import (
-    ComposeTransform,
-    IndependentTransform,
-    _InverseTransform,
-)
-from tqdm.auto import tqdm
+from torch.distributions import constraints
 
-from mcmc.mirror import Euclidean, MirrorMap
-from mcmc.potential import Potential, check_finite
-from mcmc.prox import NonsmoothTerm
+from .chains import ChainDriver, LangevinKernel, StepRandomness, check_run_lengths
+from .mirror import Euclidean, MirrorMap
+from .potential import check_finite
+from .prox import NonsmoothTerm
 
 __all__ = [
     "BregmanProximalLangevin",
+    "BregmanState",
     "bmumla_step",
     "bregman_proximal_gradient_step",
     "envelope_grad",
@@ -125,7 +127,7 @@ def envelope_grad(x: torch.Tensor, g: NonsmoothTerm, lam: float,
     raise ValueError(f"side must be 'left' or 'right', got {side!r}")
 
 
-def myula_step(x: torch.Tensor, grad_f: GradF, g: NonsmoothTerm, *, gamma: float,
+def myula_step(x: torch.Tensor, grad_f: GradF, g: NonsmoothTerm, *, step_size: float,
                lam: float | None = None, generator: torch.Generator | None = None,
                noise: torch.Tensor | None = None) -> torch.Tensor:
     """One MYULA step for ``C`` chains (Durmus, Moulines & Pereyra, SIAM J. Imaging Sci. 2018,
@@ -137,11 +139,12 @@ def myula_step(x: torch.Tensor, grad_f: GradF, g: NonsmoothTerm, *, gamma: float
         x: ``(C, d)`` current states.
         grad_f: callable ``x -> grad f(x)`` or the precomputed ``(C, d)`` gradient.
         g: the nonsmooth term (its Euclidean ``prox`` is used).
-        gamma: step size > 0. lam: envelope parameter > 0 (default ``gamma``).
+        step_size: gamma > 0. lam: envelope parameter > 0 (default ``gamma``).
         generator / noise: source of ``xi`` (``noise`` overrides).
     """
+    gamma = step_size
     lam = gamma if lam is None else lam
-    _check_positive("gamma", gamma)
+    _check_positive("step_size", gamma)
     _check_positive("lam", lam)
     # x' = (gamma/lam) [prox + (lam/gamma - 1) x] - gamma grad f + sqrt(2 gamma) xi: the same
     # update with fewer passes over memory (in-place ops on a fresh temporary only)
@@ -151,7 +154,7 @@ def myula_step(x: torch.Tensor, grad_f: GradF, g: NonsmoothTerm, *, gamma: float
 
 
 def bmumla_step(x: torch.Tensor, grad_f: GradF, g: NonsmoothTerm, mirror: MirrorMap, *,
-                gamma: float, lam: float | None = None, side: str = "left",
+                step_size: float, lam: float | None = None, side: str = "left",
                 generator: torch.Generator | None = None,
                 noise: torch.Tensor | None = None) -> torch.Tensor:
     """One BMUMLA step for ``C`` chains (Lau & Liu 2022; the mirror-Langevin
@@ -169,11 +172,12 @@ def bmumla_step(x: torch.Tensor, grad_f: GradF, g: NonsmoothTerm, mirror: Mirror
         grad_f: callable or precomputed ``(C, d)`` gradient of the smooth part.
         g: the nonsmooth term; must have a closed-form ``side`` Bregman prox for ``mirror``.
         mirror: the Legendre function phi.
-        gamma: step > 0. lam: envelope parameter > 0 (default ``gamma``).
+        step_size: gamma > 0. lam: envelope parameter > 0 (default ``gamma``).
         side: ``"left"`` or ``"right"`` envelope.
     """
+    gamma = step_size
     lam = gamma if lam is None else lam
-    _check_positive("gamma", gamma)
+    _check_positive("step_size", gamma)
     _check_positive("lam", lam)
     y = (mirror.grad_phi(x) - gamma * (_grad(grad_f, x) + envelope_grad(x, g, lam, mirror, side))
          + math.sqrt(2 * gamma) * mirror.hessian_sqrt_matvec(x, _noise(x, generator, noise)))
@@ -181,7 +185,7 @@ def bmumla_step(x: torch.Tensor, grad_f: GradF, g: NonsmoothTerm, mirror: Mirror
 
 
 def bregman_proximal_gradient_step(x: torch.Tensor, grad_f: GradF, g: NonsmoothTerm,
-                                   mirror: MirrorMap, *, gamma: float,
+                                   mirror: MirrorMap, *, step_size: float,
                                    generator: torch.Generator | None = None,
                                    noise: torch.Tensor | None = None) -> torch.Tensor:
     """BMUMLA with the right envelope and ``lam = gamma`` (Lau & Liu 2022): the
@@ -190,7 +194,8 @@ def bregman_proximal_gradient_step(x: torch.Tensor, grad_f: GradF, g: NonsmoothT
         x' = grad phi^*( grad phi(P^R_{gamma g}(x)) - gamma grad f(x)
                          + sqrt(2 gamma) Hess phi(x)^{1/2} xi ).
     """
-    _check_positive("gamma", gamma)
+    gamma = step_size
+    _check_positive("step_size", gamma)
     y = (mirror.grad_phi(g.right_prox(x, gamma, mirror)) - gamma * _grad(grad_f, x)
          + math.sqrt(2 * gamma) * mirror.hessian_sqrt_matvec(x, _noise(x, generator, noise)))
     return mirror.grad_phi_conj(y)
@@ -201,10 +206,14 @@ _METHODS = ("bmumla", "myula", "bpg")
 
 def _make_step(method: str, g: NonsmoothTerm, mirror: MirrorMap | None, gamma: float,
                lam: float | None, side: str):
-    """Validate the configuration once and return ``step(x, grad, generator, noise) -> x'``."""
+    """Validate the configuration once and return ``step(x, grad, generator, noise) -> x'``
+    (``gamma``: the callers' ``step_size``)."""
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)):
+        raise TypeError(f"step_size must be a finite number > 0 (no schedule: lam is tied to "
+                         f"it), got {gamma!r}")
     if method not in _METHODS:
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
-    _check_positive("gamma (step_size)", gamma)
+    _check_positive("step_size", gamma)
     lam = gamma if lam is None else lam
     _check_positive("lam", lam)
     if not isinstance(g, NonsmoothTerm):
@@ -214,8 +223,8 @@ def _make_step(method: str, g: NonsmoothTerm, mirror: MirrorMap | None, gamma: f
                                        not isinstance(mirror.M, torch.Tensor) and mirror.M == 1):
             raise ValueError("method='myula' is the Euclidean special case: pass mirror=None "
                              "(or use method='bmumla' with this mirror map)")
-        return lambda x, gr, gen, nz: myula_step(x, gr, g, gamma=gamma, lam=lam, generator=gen,
-                                                 noise=nz)
+        return lambda x, gr, gen, nz: myula_step(x, gr, g, step_size=gamma, lam=lam,
+                                                 generator=gen, noise=nz)
     if mirror is None:
         raise ValueError(f"method={method!r} needs a mirror map (mcmc.mirror)")
     if not isinstance(mirror, MirrorMap):
@@ -223,53 +232,86 @@ def _make_step(method: str, g: NonsmoothTerm, mirror: MirrorMap | None, gamma: f
     if method == "bpg":
         g.check_supported(mirror, "right")
         return lambda x, gr, gen, nz: bregman_proximal_gradient_step(
-            x, gr, g, mirror, gamma=gamma, generator=gen, noise=nz)
+            x, gr, g, mirror, step_size=gamma, generator=gen, noise=nz)
     g.check_supported(mirror, side)
-    return lambda x, gr, gen, nz: bmumla_step(x, gr, g, mirror, gamma=gamma, lam=lam, side=side,
-                                              generator=gen, noise=nz)
+    return lambda x, gr, gen, nz: bmumla_step(x, gr, g, mirror, step_size=gamma, lam=lam,
+                                              side=side, generator=gen, noise=nz)
+
+
+class _GradientState(NamedTuple):
+    """State of :func:`sample_chains`: the points and the smooth gradient there."""
+
+    z: torch.Tensor  # (C, d)
+    grad: torch.Tensor  # (C, d)
+
+
+class _FunctionTarget:
+    """The chain algorithm of :func:`sample_chains`: a plain ``grad_f`` on ``R^d``."""
+
+    def __init__(self, grad_f, step_fn, method: str):
+        self.grad_f = grad_f
+        self.step_fn = step_fn
+        self.method = method
+
+    def init(self, z):
+        return _GradientState(z, self.grad_f(z))
+
+    def draw(self, state, generator, t):
+        z = state.z
+        return torch.randn(z.shape, generator=generator, dtype=z.dtype, device=z.device)
+
+    def step(self, state, step_size, noise, t):
+        z = self.step_fn(state.z, state.grad, None, noise)
+        return _GradientState(z, self.grad_f(z))
+
+    @staticmethod
+    def positions(state):
+        return state.z
+
+    def nonfinite_error(self, old, new, t, note=""):
+        for name, value in (("state", new.z), ("gradient of f", new.grad)):
+            try:
+                check_finite(f"{self.method} {name} {note}".rstrip(), value, t)
+            except FloatingPointError as e:
+                return e
+        return FloatingPointError(f"non-finite {self.method} state at iteration {t}")
 
 
 def sample_chains(x0: torch.Tensor, grad_f: Callable[[torch.Tensor], torch.Tensor],
                   g: NonsmoothTerm, *, method: str = "bmumla", mirror: MirrorMap | None = None,
-                  gamma: float, lam: float | None = None, side: str = "left",
-                  num_samples: int, warmup_steps: int = 0, thin: int = 1,
-                  generator: torch.Generator | None = None, progress: bool = False,
-                  check_every: int = 1) -> torch.Tensor:
-    """Run ``C`` chains of MYULA / BMUMLA / the Bregman proximal-gradient scheme.
+                  step_size: float, lam: float | None = None, side: str = "left",
+                  num_samples: int, warmup_steps: int = 0, thinning: int = 1,
+                  seed: int | None = None, progress: bool = True) -> torch.Tensor:
+    """Run ``C`` chains of MYULA / BMUMLA / the Bregman proximal-gradient scheme on a target
+    ``exp(-f(x) - g(x))`` on ``R^d`` given by ``grad f`` (no Pyro model: toy targets, tests).
 
     Args:
         x0: ``(C, d)`` initial states (inside ``mirror``'s domain).
         grad_f: ``x (C, d) -> grad f(x) (C, d)``.
-        g, method (``"bmumla" | "myula" | "bpg"``), mirror, gamma, lam, side: see the step
-            functions.
-        num_samples: draws kept per chain; warmup_steps: discarded steps; thin: steps per draw.
-        check_every: test the state for NaN/inf every this many steps (raises
-            ``FloatingPointError`` naming the iteration).
+        g, method (``"bmumla" | "myula" | "bpg"``), mirror, step_size (gamma), lam, side: see
+            the step functions.
+        num_samples: draws kept per chain; warmup_steps: discarded steps; thinning: steps per
+            draw; seed: of the noise generator (default: drawn from torch's global RNG);
+            progress: progress bar for long runs.
 
     Returns:
-        ``(C, num_samples, d)`` draws.
+        ``(C, num_samples, d)`` draws. A NaN/inf state or gradient raises ``FloatingPointError``
+        naming the iteration and chains.
     """
-    step = _make_step(method, g, mirror, gamma, lam, side)
-    if x0.dim() != 2:
-        raise ValueError(f"x0 must have shape (C, d), got {tuple(x0.shape)}")
+    step = _make_step(method, g, mirror, step_size, lam, side)
+    if not isinstance(x0, torch.Tensor) or x0.dim() != 2:
+        raise ValueError(f"x0 must be a (C, d) tensor, got "
+                         f"{tuple(x0.shape) if isinstance(x0, torch.Tensor) else type(x0)}")
     if method != "myula":
         mirror.check_domain(x0, "x0 (initial point)")
-    for name, v in (("num_samples", num_samples), ("thin", thin), ("check_every", check_every)):
-        if not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} must be a positive int, got {v!r}")
-    if not isinstance(warmup_steps, int) or warmup_steps < 0:
-        raise ValueError(f"warmup_steps must be an int >= 0, got {warmup_steps!r}")
-    x = x0
-    out = torch.empty((x0.shape[0], num_samples, x0.shape[1]), dtype=x0.dtype, device=x0.device)
-    total = warmup_steps + num_samples * thin
-    for it in tqdm(range(1, total + 1), disable=not progress, desc=method):
-        x = step(x, grad_f(x), generator, None)
-        if it % check_every == 0:
-            check_finite("state", x, it)
-        k = it - warmup_steps
-        if k > 0 and k % thin == 0:
-            out[:, k // thin - 1] = x
-    return out
+    check_run_lengths(num_samples, warmup_steps, thinning, "sample_chains")
+    gen = torch.Generator(device=x0.device)
+    gen.manual_seed(int(torch.randint(2**62, ()).item()) if seed is None else int(seed))
+    driver = ChainDriver(_FunctionTarget(grad_f, step, method), step_size, generator=gen,
+                         name=method)
+    driver.start(x0)
+    return driver.run(num_samples, warmup_steps=warmup_steps, thinning=thinning,
+                      progress=progress)
 
 
 # ---------------------------------------------------------------------------------------
@@ -277,19 +319,24 @@ def sample_chains(x0: torch.Tensor, grad_f: Callable[[torch.Tensor], torch.Tenso
 # ---------------------------------------------------------------------------------------
 
 
-def _is_identity(t) -> bool:
-    """True for (inverses / Independent wrappers of) the empty ComposeTransform, which is what
-    ``biject_to`` gives for supports that are all of R^d."""
-    while True:
-        if isinstance(t, IndependentTransform):
-            t = t.base_transform
-        elif isinstance(t, _InverseTransform):
-            t = t.inv
-        else:
-            return isinstance(t, ComposeTransform) and len(t.parts) == 0
+def _is_real(support) -> bool:
+    """True for supports that are all of R^d (``real``, possibly wrapped in ``independent``):
+    their unconstrained transform is the identity."""
+    while isinstance(support, constraints.independent):
+        support = support.base_constraint
+    return support is constraints.real
 
 
-class BregmanProximalLangevin(MCMCKernel):
+class BregmanState(NamedTuple):
+    """State of ``C`` Bregman proximal Langevin chains: the points and the smooth part's
+    potential ``f`` and gradient there."""
+
+    z: torch.Tensor  # (C, D) unconstrained points
+    potential_energy: torch.Tensor  # (C,) f at z (minibatch estimate)
+    grad: torch.Tensor  # (C, D) gradient of f at z
+
+
+class BregmanProximalLangevin(LangevinKernel):
     """Bregman proximal Langevin (BMUMLA / MYULA / proximal-gradient-like) for Pyro models.
 
     The potential is split as ``U(z) = f(z) + sum_s g_s(z_s)``: every site ``s`` named in
@@ -297,7 +344,8 @@ class BregmanProximalLangevin(MCMCKernel):
     *instead of* its prior ``log_prob``, and ``f`` is the rest of the model's negative log joint,
     from :class:`mcmc.potential.Potential` with ``exclude_sites=tuple(nonsmooth)``. Make
     ``g_s`` equal to the prior's negative log density up to a constant (e.g. a
-    ``Laplace(0, b)`` prior is ``L1(1/b)``), otherwise the target changes.
+    ``Laplace(0, b)`` prior is ``L1(1/b)``), otherwise the target changes. When ``f`` does not
+    depend on a site (e.g. no likelihood) its gradient there is zero.
 
     The mirror map acts on the nonsmooth sites' coordinates; the other sites take plain
     Langevin steps (Euclidean mirror), i.e. phi(z) = sum_s phi_s(z_s) + |z_rest|^2/2.
@@ -312,26 +360,29 @@ class BregmanProximalLangevin(MCMCKernel):
         model: Pyro model. nonsmooth: ``{site: NonsmoothTerm}``.
         mirror: a MirrorMap for every nonsmooth site, or ``{site: MirrorMap}``; ``None`` with
             ``method="myula"``.
-        step_size: gamma > 0 (default 1e-3). lam: envelope parameter > 0 (default gamma).
+        step_size: gamma > 0 (default 1e-3; a number: ``lam`` is tied to it).
+        lam: envelope parameter > 0 (default gamma).
         side: ``"left"`` / ``"right"`` envelope (BMUMLA). method: ``"bmumla"`` (default),
             ``"myula"`` or ``"bpg"`` (right envelope with lam = gamma).
-        max_plate_nesting, init_strategy: as in Pyro (initial points are drawn in unconstrained
-            space; the nonsmooth sites' initial values must lie in the mirror domain).
-        generator: ``torch.Generator`` for the noise (default: the global RNG).
+        subsample_size, max_plate_nesting, init_strategy, with_replacement, shared_minibatch,
+            seed, vectorize: as for :class:`mcmc.sgld.SGLD` (minibatch gradients of ``f``; the
+            nonsmooth sites' initial values must lie in the mirror domain).
 
     Use it as ``pyro.infer.MCMC(kernel, num_samples, warmup_steps).run(*args)`` (one chain per
-    Pyro chain), or, vectorised over many chains, :meth:`run_chains`.
+    Pyro chain), or, vectorised over many chains, :meth:`sample_chains`.
     """
+
+    state_type = BregmanState
 
     def __init__(self, model: Callable, nonsmooth: dict[str, NonsmoothTerm],
                  mirror: MirrorMap | dict[str, MirrorMap] | None = None, *,
                  step_size: float = 1e-3, lam: float | None = None, side: str = "left",
-                 method: str = "bmumla", max_plate_nesting: int | None = None,
-                 init_strategy: Callable = init_to_uniform,
-                 generator: torch.Generator | None = None) -> None:
+                 method: str = "bmumla", **kwargs) -> None:
         if not isinstance(nonsmooth, dict) or not nonsmooth:
             raise ValueError("nonsmooth must be a non-empty dict {site: NonsmoothTerm}")
-        self.model = model
+        if kwargs.get("on_nonfinite", "raise") != "raise":
+            raise ValueError("BregmanProximalLangevin supports on_nonfinite='raise' only (the "
+                             "envelope parameter is tied to the step size)")
         self.nonsmooth = dict(nonsmooth)
         if isinstance(mirror, dict):
             missing = set(self.nonsmooth) - set(mirror)
@@ -340,49 +391,30 @@ class BregmanProximalLangevin(MCMCKernel):
             self.mirrors = {k: mirror[k] for k in self.nonsmooth}
         else:
             self.mirrors = {k: mirror for k in self.nonsmooth}
-        self.step_size = step_size
         self.lam = step_size if lam is None else lam
         self.side, self.method = side, method
         # validate every (term, mirror) pair now: clear errors before any model run
         self._steps = {k: _make_step(method, t, self.mirrors[k], step_size, self.lam, side)
                        for k, t in self.nonsmooth.items()}
-        self.max_plate_nesting = max_plate_nesting
-        self.init_strategy = init_strategy
-        self.generator = generator
-        self.potential: Potential | None = None
-        self._initial_params = None
-        self._iteration = 0
-        self.transforms = None
+        self.step_size = step_size
+        super().__init__(model, step_size, **kwargs)
 
-    # -- setup ---------------------------------------------------------------------------
-    def _build(self, args: tuple, kwargs: dict) -> Potential:
-        pot = Potential(self.model, args, kwargs, max_plate_nesting=self.max_plate_nesting,
-                        exclude_sites=tuple(self.nonsmooth))
+    def _potential_options(self) -> dict:
+        return {"exclude_sites": tuple(self.nonsmooth)}
+
+    def _on_new_potential(self) -> None:
+        pot = self.potential
         for site in self.nonsmooth:
             if site not in pot.site_slices:
                 raise ValueError(f"nonsmooth site {site!r} is not a continuous latent site of the "
                                  f"model (latent sites: {sorted(pot.site_slices)})")
-            if not _is_identity(pot.transforms[site]):
+            if not _is_real(pot.supports[site]):
                 raise ValueError(
                     f"nonsmooth site {site!r} has a constrained support (its unconstrained "
                     "transform is not the identity); a nonsmooth term of the constrained value is "
                     "not convex in unconstrained space. Give the site a prior on all of R^d "
                     "(e.g. Normal/Laplace/ImproperUniform(real)) and express the constraint with "
                     "a nonsmooth indicator term (Box, NonNegative, Simplex) plus a mirror map.")
-        self.potential = pot
-        self.transforms = pot.transforms
-        return pot
-
-    def setup(self, warmup_steps: int, *args, **kwargs) -> None:
-        pot = self._build(args, kwargs)
-        self._iteration = 0
-        if self._initial_params is None:
-            z = pot.initial_params(1, self.init_strategy)
-            self._initial_params = {k: v[0] for k, v in pot.unpack_unconstrained(z).items()}
-        else:  # given by the user (unconstrained values, Pyro's convention)
-            z = pot.pack_unconstrained({k: torch.as_tensor(v).unsqueeze(0)
-                                        for k, v in self._initial_params.items()})
-        self._check_init(z)
 
     def _check_init(self, z: torch.Tensor) -> None:
         for site, m in self.mirrors.items():
@@ -390,76 +422,19 @@ class BregmanProximalLangevin(MCMCKernel):
                 m.check_domain(z[:, self.potential.site_slices[site]],
                                f"initial value of site {site!r}")
 
-    @property
-    def initial_params(self):
-        return self._initial_params
-
-    @initial_params.setter
-    def initial_params(self, params):
-        self._initial_params = params
-
-    # -- one step on flat (C, D) states ----------------------------------------------------
-    def step_flat(self, z: torch.Tensor, iteration: int = 0) -> torch.Tensor:
-        """One step for the flat unconstrained states ``z (C, D)`` of ``C`` chains."""
-        pot = self.potential
-        u, grad = pot.value_and_grad(z)
-        # the gradient first: its message names the offending site(s)
-        check_finite("gradient of the smooth potential", grad, iteration,
-                     site_names=pot.site_slices)
-        check_finite("smooth potential", u, iteration)
-        xi = torch.randn(z.shape, generator=self.generator, dtype=z.dtype, device=z.device)
-        # plain Langevin on the smooth sites; the nonsmooth sites are overwritten below
-        new = z - self.step_size * grad + math.sqrt(2 * self.step_size) * xi
-        for site, step in self._steps.items():
-            sl = pot.site_slices[site]
-            new[:, sl] = step(z[:, sl], grad[:, sl], None, xi[:, sl])
-        check_finite("state", new, iteration, site_names=pot.site_slices)
-        return new
-
-    def sample(self, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        pot = self.potential
-        z = pot.pack_unconstrained({k: v.unsqueeze(0) for k, v in params.items()})
-        self._iteration += 1
-        z = self.step_flat(z, self._iteration)
-        return {k: v[0] for k, v in pot.unpack_unconstrained(z).items()}
-
-    def logging(self):
-        return None
-
-    def diagnostics(self):
-        return {}
-
-    # -- vectorised driver ----------------------------------------------------------------
-    def run_chains(self, *args, num_chains: int, num_samples: int, warmup_steps: int = 0,
-                   thin: int = 1, initial_params: dict[str, torch.Tensor] | None = None,
-                   progress: bool = False, **kwargs) -> dict[str, torch.Tensor]:
-        """Run ``num_chains`` chains at once (one model evaluation per step for all chains).
-
-        ``initial_params``: optional ``{site: constrained value (C, *shape)}``.
-        Returns ``{site: constrained draws (num_chains, num_samples, *shape)}``, ready for
-        :func:`mcmc.diagnostics.to_inference_data`.
-        """
-        for name, v in (("num_chains", num_chains), ("num_samples", num_samples),
-                        ("thin", thin)):
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
-        if not isinstance(warmup_steps, int) or warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be an int >= 0, got {warmup_steps!r}")
-        pot = self._build(args, kwargs)
-        if initial_params is not None:
-            z = pot.pack(initial_params)
-            if z.shape[0] == 1 and num_chains > 1:
-                z = z.expand(num_chains, -1).clone()
-        else:
-            z = pot.initial_params(num_chains, self.init_strategy)
+    def init(self, z: torch.Tensor) -> BregmanState:
         self._check_init(z)
-        draws = torch.empty((num_chains, num_samples, pot.dim), dtype=z.dtype, device=z.device)
-        total = warmup_steps + num_samples * thin
-        for it in tqdm(range(1, total + 1), disable=not progress, desc=self.method):
-            z = self.step_flat(z, it)
-            k = it - warmup_steps
-            if k > 0 and k % thin == 0:
-                draws[:, k // thin - 1] = z
-        flat = draws.reshape(num_chains * num_samples, pot.dim)
-        return {k: v.reshape((num_chains, num_samples) + v.shape[1:])
-                for k, v in pot.unpack(flat).items()}
+        u, g = self.gradient(z, self._draw_indices(z.shape[0], self.generator))
+        return BregmanState(z, u, g)
+
+    def step(self, state, step_size, randomness: StepRandomness, t: int) -> BregmanState:
+        """Plain Langevin on the smooth sites, the prox/mirror step on each nonsmooth site, then
+        ``f`` and its gradient at the new points (on this step's minibatch rows)."""
+        z, grad, xi = state.z, state.grad, randomness.noise
+        new = z - step_size * grad + math.sqrt(2 * step_size) * xi
+        for site, step in self._steps.items():
+            sl = self.potential.site_slices[site]
+            new[:, sl] = step(z[:, sl], grad[:, sl], None, xi[:, sl])
+        u, g = self.gradient(new, randomness.indices)
+        return BregmanState(new, u, g)
+

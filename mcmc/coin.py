@@ -245,7 +245,9 @@ class ParticleSampler:
         max_plate_nesting: for Pyro models (inferred when None).
         optim: ``None`` (CoinBetting), a ``pyro.optim.PyroOptim`` or ``params -> Optimizer``.
         init_strategy: Pyro init strategy for the initial particles (default ``init_to_sample``,
-            as Pyro's SVGD).
+            as Pyro's SVGD; ``init_to_value`` for models with flat ``ImproperUniform`` priors).
+        vectorize: how the particles are evaluated (:class:`mcmc.potential.Potential`: a particle
+            plate when the model broadcasts, else ``torch.func.vmap``, else a loop).
         initial_particles: ``(N, D)`` unconstrained tensor, or ``{site: (N, *shape)}``
             constrained values, instead of ``init_strategy``.
 
@@ -263,6 +265,7 @@ class ParticleSampler:
         optim=None,
         init_strategy: Callable | None = None,
         initial_particles=None,
+        vectorize: str = "auto",
     ) -> None:
         if isinstance(num_particles, bool) or not isinstance(num_particles, int):
             raise TypeError(f"num_particles must be an int, got {type(num_particles).__name__}")
@@ -287,6 +290,7 @@ class ParticleSampler:
         self.max_plate_nesting = max_plate_nesting
         self._optim_spec = optim
         self.init_strategy = init_strategy
+        self.vectorize = vectorize
         self._initial = initial_particles
         self._args_key = None
         self.particles: torch.Tensor | None = None
@@ -305,10 +309,14 @@ class ParticleSampler:
             return self._potential
         key = (tuple(id(a) for a in args), tuple(sorted((k, id(v)) for k, v in kwargs.items())))
         if self._potential is None:
+            from pyro.infer.autoguide.initialization import init_to_sample
+
             from .potential import Potential
 
             self._potential = Potential(
-                self.model, args, kwargs, max_plate_nesting=self.max_plate_nesting
+                self.model, args, kwargs, max_plate_nesting=self.max_plate_nesting,
+                init_strategy=self.init_strategy or init_to_sample, vectorize=self.vectorize,
+                owner=type(self).__name__,
             )
         elif key != self._args_key:
             # New data (e.g. a minibatch passed as an argument): same sites and transforms,
@@ -371,17 +379,23 @@ class ParticleSampler:
         self._check("particles", z.detach(), pot)
         return {"mean_sq_direction": float(phi.pow(2).mean())}
 
-    def run(self, num_steps: int, *args, progress: bool = False,
+    def run(self, num_steps: int, *args, progress: bool = True,
             callback: Callable | None = None, **kwargs) -> torch.Tensor:
-        """``num_steps`` steps; ``callback(self, iteration)`` after each. Returns the particles."""
-        from tqdm.auto import trange
+        """``num_steps`` steps; ``callback(self, iteration)`` after each. Returns the particles.
 
-        if not isinstance(num_steps, int) or num_steps < 0:
-            raise ValueError(f"num_steps must be a non-negative int, got {num_steps!r}")
-        for t in trange(num_steps, disable=not progress, desc=type(self).__name__):
-            self.step(*args, **kwargs)
-            if callback is not None:
-                callback(self, t)
+        ``progress``: the package's progress bar (:func:`mcmc.chains.progress_bar`, shown for
+        runs longer than a few seconds)."""
+        from .chains import progress_bar
+
+        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 0:
+            raise ValueError(f"{type(self).__name__}.run(num_steps={num_steps!r}): num_steps "
+                             "must be a non-negative int")
+        with progress_bar(num_steps, progress=progress, desc=type(self).__name__) as bar:
+            for t in range(num_steps):
+                self.step(*args, **kwargs)
+                if callback is not None:
+                    callback(self, t)
+                bar.update()
         return self.get_particles()
 
     # -------------------------------------------------------------- results

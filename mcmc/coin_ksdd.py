@@ -56,7 +56,7 @@ class CoinKSDD(ParticleSampler):
             (``potential(z)`` keeps the autograd graph, as :class:`mcmc.potential.Potential` and
             :class:`mcmc.coin.FunctionPotential` do).
         kernel: a :class:`mcmc.kernels.StationaryKernel` (default ``IMQKernel()``).
-        num_particles, max_plate_nesting, optim, init_strategy, initial_particles: see
+        num_particles, max_plate_nesting, optim, init_strategy, initial_particles, vectorize: see
             :class:`mcmc.coin.ParticleSampler`.
         chunk_size: rows per Stein-kernel block.
 
@@ -74,9 +74,11 @@ class CoinKSDD(ParticleSampler):
         chunk_size: int | None = None,
         init_strategy=None,
         initial_particles=None,
+        vectorize: str = "auto",
     ) -> None:
         super().__init__(model, num_particles, max_plate_nesting=max_plate_nesting, optim=optim,
-                         init_strategy=init_strategy, initial_particles=initial_particles)
+                         init_strategy=init_strategy, initial_particles=initial_particles,
+                         vectorize=vectorize)
         kernel = IMQKernel() if kernel is None else kernel
         if not isinstance(kernel, StationaryKernel):
             raise TypeError(f"kernel must be a mcmc.kernels.StationaryKernel, got "

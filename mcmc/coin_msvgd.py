@@ -28,7 +28,7 @@ from collections.abc import Callable
 
 import torch
 from pyro import poutine
-from pyro.poutine.subsample_messenger import _Subsample
+from pyro.poutine.util import site_is_subsample
 
 from .coin import FunctionPotential, ParticleSampler
 from .kernels import RBFKernel, StationaryKernel, _resolve_chunk
@@ -152,7 +152,7 @@ class CoinMSVGD(ParticleSampler):
         with torch.no_grad(), poutine.block():
             proto = poutine.trace(model).get_trace(*model_args, **model_kwargs)
         latent = [n for n, node in proto.nodes.items() if node["type"] == "sample"
-                  and not node["is_observed"] and not isinstance(node["fn"], _Subsample)]
+                  and not node["is_observed"] and not site_is_subsample(node)]
         if site not in latent:
             raise ValueError(f"site {site!r} is not a latent sample site of the model "
                              f"(latent sites: {latent})")

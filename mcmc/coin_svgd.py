@@ -74,7 +74,7 @@ class CoinSVGD(ParticleSampler):
         optim: ``None`` for coin betting; a ``pyro.optim.PyroOptim`` or ``params -> Optimizer``
             for ordinary (learning-rate) SVGD on the same code path.
         chunk_size: rows per kernel block (memory ``O(chunk_size * N)``).
-        init_strategy, initial_particles: see :class:`mcmc.coin.ParticleSampler`.
+        init_strategy, initial_particles, vectorize: see :class:`mcmc.coin.ParticleSampler`.
 
     Example::
 
@@ -96,6 +96,7 @@ class CoinSVGD(ParticleSampler):
         chunk_size: int | None = None,
         init_strategy=None,
         initial_particles=None,
+        vectorize: str = "auto",
     ) -> None:
         super().__init__(
             model,
@@ -104,6 +105,7 @@ class CoinSVGD(ParticleSampler):
             optim=optim,
             init_strategy=init_strategy,
             initial_particles=initial_particles,
+            vectorize=vectorize,
         )
         kernel = RBFKernel() if kernel is None else kernel
         if isinstance(kernel, SteinKernel):

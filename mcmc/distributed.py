@@ -19,18 +19,20 @@ seconds. A worker that dies or hangs makes the rank waiting for it raise ``Runti
 the peer, the round and the timeout; the ranks waiting on that one fail in turn -- nothing
 hangs forever.
 
-Launch with torchrun (one process per shard, here the zoo's 4-shard ``federated_blobs``)::
+Launch :func:`run_worker` in every process of an initialised process group -- with torchrun,
+for the zoo's sharded models, through the models-side entry point (``mcmc`` never imports
+``models``)::
 
-    torchrun --standalone --nproc_per_node=4 -m mcmc.distributed \\
+    torchrun --standalone --nproc_per_node=4 -m models.federated_cli \\
         --model federated_blobs --method fsgld --tau 20 --rounds 100 --chains 8 \\
         --step-size 1e-3 --out draws.pt
 
-Inside Python (e.g. tests) :func:`spawn_local` starts the processes on the loopback interface.
+(``pyroforge federated ...`` takes the same options.) Inside Python (e.g. tests)
+:func:`spawn_local` starts the processes on the loopback interface.
 """
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import io
 import os
@@ -44,7 +46,6 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from .federated import ChainPacket, FederatedSGLD, ShardApproximation
-from .potential import Potential
 
 __all__ = ["free_port", "run_worker", "spawn_local"]
 
@@ -132,6 +133,7 @@ def run_worker(
     subsample_size: int | None = None,
     shard_probs: Sequence[float] | None = None,
     seed: int = 0,
+    scale_likelihood: bool = True,
     timeout: float = 60.0,
     initial_params: torch.Tensor | None = None,
     _fault: dict | None = None,
@@ -139,9 +141,11 @@ def run_worker(
     """Run this rank's shard (``shards[rank]``) inside an initialised process group.
 
     ``world_size`` must equal ``len(shards)``. Only ``shards[rank]`` is used on each rank (the
-    others may be ``None``). Returns ``(draws (C, num_rounds * tau, D), final packet)`` on rank
-    0 and ``None`` elsewhere. ``_fault`` (tests only): ``{"rank": r, "round": k, "kind": "die" |
-    "hang"}`` makes rank ``r`` exit / sleep instead of running round ``k``.
+    others may be ``None``). The sampler options are those of
+    :class:`mcmc.federated.FederatedSGLD`. Returns ``(draws (C, num_rounds * tau, D), final
+    packet)`` on rank 0 and ``None`` elsewhere (every step's draw: no warm-up or thinning).
+    ``_fault`` (tests only): ``{"rank": r, "round": k, "kind": "die" | "hang"}`` makes rank
+    ``r`` exit / sleep instead of running round ``k``.
     """
     if not dist.is_initialized():
         raise RuntimeError("torch.distributed is not initialised (use torchrun or spawn_local)")
@@ -160,6 +164,7 @@ def run_worker(
         tau=tau,
         subsample_size=subsample_size,
         shard_probs=shard_probs,
+        scale_likelihood=scale_likelihood,
         seed=seed,
         shard_indices=[rank],
         shard_sizes=[1] * world,
@@ -171,7 +176,6 @@ def run_worker(
     dtype, zdev = algo.dtype, algo.device
     if method == "fsgld":
         q = algo.fit_local_approximations()[rank]
-        D = algo.dim
         precs = _all_gather(q.precision, comm)
         etas = _all_gather(q.eta, comm)
         modes = _all_gather(q.mode, comm)
@@ -181,7 +185,6 @@ def run_worker(
                 for s in range(world)
             }
         )
-        assert algo._sum_precision.shape == (D, D)
 
     schedule = [algo.shard_for_round(r) for r in range(num_rounds)]
     my_rounds = [r for r in range(num_rounds) if schedule[r] == rank]
@@ -312,58 +315,3 @@ def spawn_local(
             p.join()
             results.setdefault(rank, ("lost", f"exited with code {p.exitcode} without a result"))
     return results
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """``torchrun ... -m mcmc.distributed --model NAME ...``: one zoo shard per process."""
-    import models
-
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="federated_blobs")
-    ap.add_argument("--method", default="fsgld", choices=["fsgld", "dsgld"])
-    ap.add_argument("--tau", type=int, default=20)
-    ap.add_argument("--rounds", type=int, default=100)
-    ap.add_argument("--chains", type=int, default=8)
-    ap.add_argument("--step-size", type=float, default=1e-3)
-    ap.add_argument("--subsample-size", type=int, default=None)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--timeout", type=float, default=60.0)
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--out", default=None, help="rank 0 saves {site: (C, S, *shape)} here")
-    a = ap.parse_args(argv)
-    device = models.resolve_device(a.device)
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    if device.type == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=a.timeout))
-    spec = models.get(a.model, device=device)
-    if spec.shards is None:
-        raise ValueError(f"model {a.model!r} has no shards")
-    out = run_worker(
-        spec.model,
-        spec.shards,
-        num_rounds=a.rounds,
-        num_chains=a.chains,
-        method=a.method,
-        step_size=a.step_size,
-        tau=a.tau,
-        subsample_size=a.subsample_size,
-        seed=a.seed,
-        timeout=a.timeout,
-    )
-    if out is not None:
-        draws, _ = out
-        args, kwargs = spec.shards[0]
-        pot = Potential(spec.model, args, kwargs)
-        C, S = draws.shape[:2]
-        flat = pot.unpack(draws.reshape(C * S, -1))
-        result = {k: v.reshape((C, S) + tuple(v.shape[1:])) for k, v in flat.items()}
-        for k, v in result.items():
-            print(f"{k}: mean {v.mean((0, 1)).tolist()} var {v.var((0, 1)).tolist()}")
-        if a.out:
-            torch.save(result, a.out)
-    dist.destroy_process_group()
-
-
-if __name__ == "__main__":
-    main()

@@ -8,15 +8,18 @@ with ``seed + 1``, so every process knows the whole visit schedule).
 
 Local gradients
 ---------------
-Each shard is given as a Pyro model plus its shard data, whose potential is the shard's local
-stand-in for the full potential,
+Each shard is given as the model plus the shard's data (``shards = [(args, kwargs), ...]``); its
+local stand-in for the full potential is
 
     U_s(z) = U_prior(z) - (1 / p_s) log p(D_s | x(z)),
 
-(``U_prior`` includes the log|det J| of the unconstrained transform). The zoo's federated models
-do exactly this with ``num_total=N`` (they scale the shard log-likelihood by ``N / N_s``, i.e.
-``p_s = N_s / N``). ``subsample_size`` subsamples rows within the shard (unbiased via Pyro's
-plate scaling).
+(``U_prior`` includes the log|det J| of the unconstrained transform). The likelihood is the
+model's observed sample sites (``pyro.factor`` sites included): with ``scale_likelihood=True``
+(default) the sampler multiplies them by ``1 / p_s``, so any model written for its own data
+works -- e.g. a regression run on a slice of the rows. Pass ``scale_likelihood=False`` for shard
+models that scale their likelihood themselves (the zoo's ``spec.shards``, which pass
+``num_total=N``). ``subsample_size`` subsamples rows within the shard (unbiased via Pyro's plate
+scaling, :mod:`mcmc.potential`).
 
 * **DSGLD** (Ahn, Shahbaba & Welling, ICML 2014): ``g = grad U_s(z)``. Unbiased for
   ``grad U`` only on average over shards, so within a long local trajectory (large ``tau``) the
@@ -41,21 +44,26 @@ eta_s``) leave the shard. For Gaussian likelihoods the expansion is exact.
 
 Execution
 ---------
-:class:`FederatedSGLD` holds the algorithm (one implementation). :meth:`FederatedSGLD.run`
-executes it in one process (shards as tensors, ``C`` chains vectorised); :mod:`mcmc.distributed`
-runs the same code with one process per shard, moving the chains' packet (states, step counter
-and the chains' ``torch.Generator`` state) between processes -- the draws are bit-identical.
+:class:`FederatedSGLD` holds the algorithm (one implementation, run by the one chain driver
+:class:`mcmc.chains.ChainDriver`). :meth:`FederatedSGLD.sample_chains` executes it in one process
+(shards as tensors, ``C`` chains vectorised; step ``t`` runs on the shard of round ``t // tau``);
+:func:`mcmc.distributed.run_worker` runs the same code with one process per shard, moving the
+chains' packet (states, step counter and the chains' ``torch.Generator`` state) between
+processes round by round (:meth:`FederatedSGLD.run_round`) -- the draws are bit-identical.
 """
 
 from __future__ import annotations
 
-import copy
-import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
+from pyro.infer.autoguide.initialization import init_to_uniform
+from pyro.poutine.messenger import Messenger
+from pyro.poutine.util import site_is_subsample
 
+from .chains import ChainDriver, StepRandomness, check_run_lengths
 from .potential import Potential, check_finite
 from .schedules import as_schedule
 from .sgld import find_mode, sgld_step
@@ -63,6 +71,7 @@ from .sgld import find_mode, sgld_step
 __all__ = [
     "ChainPacket",
     "FederatedSGLD",
+    "FederatedState",
     "ShardApproximation",
     "ShardWorker",
     "fit_shard_approximation",
@@ -106,9 +115,28 @@ class ChainPacket:
     extra: dict = field(default_factory=dict)
 
 
-def _shard_size(pot: Potential) -> int:
-    sizes = [s for name, s in pot._plate_sizes.items() if not name.startswith("_")]
-    return max(sizes) if sizes else 0
+class FederatedState(NamedTuple):
+    """State of ``C`` federated chains: the points, and the local potential and gradient that
+    moved them there (at the previous points; zeros before the first step)."""
+
+    z: torch.Tensor  # (C, D)
+    potential_energy: torch.Tensor  # (C,)
+    grad: torch.Tensor  # (C, D)
+
+
+class _ScaleLikelihood(Messenger):
+    """Multiply the ``scale`` of the model's own observed sites by :attr:`scale` (``1 / p_s``).
+
+    It sits inside the potential's conditioning, so latent sites (conditioned on the chain
+    states later) are not scaled."""
+
+    def __init__(self, scale: float = 1.0) -> None:
+        super().__init__()
+        self.scale = scale
+
+    def _process_message(self, msg) -> None:
+        if msg["type"] == "sample" and msg["is_observed"] and not site_is_subsample(msg):
+            msg["scale"] = self.scale * msg["scale"]
 
 
 class ShardWorker:
@@ -121,35 +149,40 @@ class ShardWorker:
         model_args: tuple,
         model_kwargs: dict | None,
         *,
+        scale_likelihood: bool = True,
         max_plate_nesting: int | None = None,
+        subsample_size: int | Mapping[str, int] | None = None,
+        init_strategy: Callable = init_to_uniform,
+        vectorize: str = "auto",
     ) -> None:
         self.index = index
         model_kwargs = dict(model_kwargs or {})
         for a in list(model_args) + list(model_kwargs.values()):
             if isinstance(a, torch.Tensor) and a.dim() >= 1 and a.shape[0] == 0:
                 raise ValueError(f"shard {index} is empty (a data tensor has 0 rows)")
-        self.potential = Potential(
-            model, model_args, model_kwargs, max_plate_nesting=max_plate_nesting
-        )
-        self.size = _shard_size(self.potential)
+        self.likelihood_scale = _ScaleLikelihood(1.0) if scale_likelihood else None
+        local = model if self.likelihood_scale is None else self.likelihood_scale(model)
+        common = {"max_plate_nesting": max_plate_nesting, "init_strategy": init_strategy,
+                  "vectorize": vectorize, "owner": "FederatedSGLD"}
+        try:
+            self.potential = Potential(local, model_args, model_kwargs,
+                                       subsample_size=subsample_size, **common)
+        except ValueError as e:
+            raise ValueError(f"shard {index}: {e}") from e
+        sizes = list(self.potential.data_plates.values())
+        self.size = max(sizes) if sizes else 0
         if self.size == 0:
-            raise ValueError(f"shard {index} is empty (its data plate has 0 rows)")
-        observed = [
-            name
-            for name, node in self.potential._proto_nodes.items()
-            if node["type"] == "sample" and node["is_observed"]
-        ]
-        self.observed_shapes = {
-            name: tuple(self.potential._proto_nodes[name]["fn"].event_shape) for name in observed
-        }
-        self.prior = Potential(
-            model,
-            model_args,
-            model_kwargs,
-            max_plate_nesting=max_plate_nesting,
-            exclude_sites=observed,
-        )
+            raise ValueError(f"shard {index} has no data plate (or it is empty): the shard's rows "
+                             "must sit in a pyro.plate")
+        self.observed_shapes = dict(self.potential.observed_shapes)
+        self.prior = Potential(local, model_args, model_kwargs,
+                               exclude_sites=list(self.observed_shapes), **common)
         self.approximation: ShardApproximation | None = None
+
+    def set_visit_probability(self, p_s: float) -> None:
+        """Scale the likelihood by ``1 / p_s`` (when the sampler does the scaling)."""
+        if self.likelihood_scale is not None:
+            self.likelihood_scale.scale = 1.0 / p_s
 
     def fit_approximation(self, p_s: float, mode_steps: int = 200) -> ShardApproximation:
         """Fit ``q_s`` (see the module docstring); deterministic (starts at ``z = 0``)."""
@@ -202,69 +235,80 @@ class FederatedSGLD:
     """DSGLD / FSGLD over a list of shards (see the module docstring).
 
     Args:
-        model: the Pyro model run on every shard.
-        shards: ``[(args, kwargs), ...]`` one per shard (e.g. ``spec.shards``).
+        model: the Pyro model run on every shard (any model ``pyro.infer.NUTS`` runs).
+        shards: ``[(args, kwargs), ...]`` one per shard (e.g. the model's data split by rows).
         method: ``"fsgld"`` (conducive gradients) or ``"dsgld"``.
         step_size: ``h > 0`` or a schedule ``t -> h_t``.
         tau: local steps per visit (``>= 1``).
-        subsample_size: rows per local minibatch (``None``: the whole shard).
-        shard_probs: visit probabilities ``p_s`` (default ``N_s / N``); they must match the
-            ``1 / p_s`` scaling of the shard models.
-        seed: seed of the chains' generator (noise, minibatches, shard visits, initial points).
+        subsample_size: rows per local minibatch (``None``: the whole shard; an int or
+            ``{plate: B}`` as for :class:`mcmc.sgld.SGLD`).
+        shard_probs: visit probabilities ``p_s`` (default ``N_s / N``).
+        scale_likelihood: multiply each shard's observed sites by ``1 / p_s`` (default); pass
+            ``False`` when the shard models already scale their likelihood.
+        seed: seed of the chains' generator (noise, minibatches, initial points) and, plus one,
+            of the shard-visit schedule.
         mode_steps: L-BFGS iterations for each ``q_s`` fit.
+        init_strategy, max_plate_nesting, with_replacement, vectorize: as for
+            :class:`mcmc.sgld.SGLD`.
         shard_indices: build only these shards (distributed workers build their own one).
+        shard_sizes: ``N_s`` of every shard (needed with ``shard_indices``).
     """
 
     def __init__(
         self,
         model: Callable,
-        shards: Sequence[tuple[tuple, dict]],
+        shards: Sequence[tuple[tuple, dict] | None],
         *,
         method: str = "fsgld",
         step_size: float | Callable[[int], float] = 1e-3,
         tau: int = 1,
-        subsample_size: int | None = None,
+        subsample_size: int | Mapping[str, int] | None = None,
         shard_probs: Sequence[float] | None = None,
+        scale_likelihood: bool = True,
         max_plate_nesting: int | None = None,
         seed: int = 0,
         mode_steps: int = 200,
+        init_strategy: Callable = init_to_uniform,
+        with_replacement: bool = False,
+        vectorize: str = "auto",
         shard_indices: Sequence[int] | None = None,
         shard_sizes: Sequence[int] | None = None,
     ) -> None:
         if method not in ("fsgld", "dsgld"):
-            raise ValueError(f"method must be 'fsgld' or 'dsgld', got {method!r}")
-        if not isinstance(tau, int) or tau < 1:
-            raise ValueError(f"tau must be an int >= 1, got {tau!r}")
-        if subsample_size is not None and (
-            not isinstance(subsample_size, int) or subsample_size < 1
+            raise ValueError(f"FederatedSGLD(..., method={method!r}): method must be 'fsgld' or "
+                             "'dsgld'")
+        if isinstance(tau, bool) or not isinstance(tau, int) or tau < 1:
+            raise ValueError(f"FederatedSGLD(..., tau={tau!r}): tau must be an int >= 1")
+        if subsample_size is not None and not isinstance(subsample_size, Mapping) and (
+            isinstance(subsample_size, bool) or not isinstance(subsample_size, int)
+            or subsample_size < 1
         ):
             raise ValueError(
-                f"subsample_size must be a positive int or None, got {subsample_size!r}"
+                f"FederatedSGLD(..., subsample_size={subsample_size!r}): must be a positive int, "
+                "{plate: positive int} or None"
             )
         if not shards:
-            raise ValueError("need at least one shard")
+            raise ValueError("FederatedSGLD: need at least one shard")
         self.model = model
         self.num_shards = len(shards)
         self.method = method
         self.schedule = as_schedule(step_size)
         self.tau = tau
         self.subsample_size = subsample_size
+        self.with_replacement = with_replacement
         self.seed = int(seed)
         self.mode_steps = mode_steps
+        self.init_strategy = init_strategy
         idx = range(self.num_shards) if shard_indices is None else shard_indices
         self.workers: dict[int, ShardWorker] = {}
         for s in idx:
             args, kwargs = shards[s]
             self.workers[s] = ShardWorker(
-                s, model, tuple(args), kwargs, max_plate_nesting=max_plate_nesting
+                s, model, tuple(args), kwargs, scale_likelihood=scale_likelihood,
+                max_plate_nesting=max_plate_nesting, subsample_size=subsample_size,
+                init_strategy=init_strategy, vectorize=vectorize,
             )
         _check_shards(list(self.workers.values()))
-        for w in self.workers.values():
-            if subsample_size is not None and subsample_size > w.size:
-                raise ValueError(
-                    f"subsample_size={subsample_size} is larger than shard {w.index} "
-                    f"({w.size} rows)"
-                )
         if shard_sizes is None:
             if len(self.workers) != self.num_shards:
                 raise ValueError("pass shard_sizes when building only some shards")
@@ -276,6 +320,7 @@ class FederatedSGLD:
         self.approximations: dict[int, ShardApproximation] = {}
         self._sum_precision = None
         self._sum_eta = None
+        self._driver: ChainDriver | None = None
 
     def set_shard_sizes(self, shard_sizes: Sequence[int], shard_probs=None) -> None:
         """Record ``N_s`` and the visit probabilities (default ``p_s = N_s / N``)."""
@@ -291,10 +336,12 @@ class FederatedSGLD:
         probs = [float(p) for p in shard_probs]
         if len(probs) != self.num_shards or min(probs) <= 0 or abs(sum(probs) - 1) > 1e-6:
             raise ValueError(
-                f"shard_probs must be {self.num_shards} positive numbers summing "
-                f"to 1, got {shard_probs!r}"
+                f"FederatedSGLD(..., shard_probs={shard_probs!r}): must be {self.num_shards} "
+                "positive numbers summing to 1"
             )
         self.shard_probs = probs
+        for s, w in self.workers.items():
+            w.set_visit_probability(probs[s])
         if hasattr(self, "_schedule"):
             del self._schedule
 
@@ -314,29 +361,7 @@ class FederatedSGLD:
         self._sum_precision = sum(approximations[s].precision for s in range(self.num_shards))
         self._sum_eta = sum(approximations[s].eta for s in range(self.num_shards))
 
-    # ------------------------------------------------------------------ the algorithm
-    def initial_packet(
-        self, num_chains: int, initial_params: torch.Tensor | None = None
-    ) -> ChainPacket:
-        """Chains at their start (drawn on the lowest-index local shard, seeded) and the
-        first shard to visit."""
-        gen = torch.Generator(device=self.device)
-        gen.manual_seed(self.seed)
-        if initial_params is None:
-            w = self.workers[min(self.workers)]
-            devices = [self.device.index or 0] if self.device.type == "cuda" else []
-            with torch.random.fork_rng(devices=devices):
-                torch.manual_seed(self.seed)
-                z = w.potential.initial_params(num_chains)
-        else:
-            z = torch.as_tensor(initial_params, dtype=self.dtype, device=self.device)
-            if z.shape != (num_chains, self.dim):
-                raise ValueError(
-                    f"initial params must have shape ({num_chains}, {self.dim}), "
-                    f"got {tuple(z.shape)}"
-                )
-        return ChainPacket(z.detach().clone(), 0, 0, self.shard_for_round(0), gen.get_state())
-
+    # ------------------------------------------------------------------ the schedule
     def shard_for_round(self, r: int) -> int:
         """The shard visited in round ``r``: ``s_r ~ Categorical(p)`` i.i.d., from a generator
         seeded with ``seed + 1`` -- every process can compute the whole visit schedule, so
@@ -350,12 +375,20 @@ class FederatedSGLD:
             self._schedule.append(int(nxt))
         return self._schedule[r]
 
+    def shard_for_step(self, t: int) -> int:
+        """The shard that runs step ``t`` (round ``t // tau``)."""
+        return self.shard_for_round(t // self.tau)
+
+    # ------------------------------------------------------------------ the algorithm
     def local_gradient(
-        self, s: int, z: torch.Tensor, gen: torch.Generator
+        self, s: int, z: torch.Tensor, indices: dict[str, torch.Tensor] | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(U_s(z), g)`` for shard ``s``: DSGLD's or FSGLD's local gradient."""
+        """``(U_s(z), g)`` for shard ``s`` on the minibatch ``indices``: DSGLD's or FSGLD's
+        local gradient."""
+        if s not in self.workers:
+            raise ValueError(f"shard {s} is not held by this process")
         pot = self.workers[s].potential
-        u, g = pot.value_and_grad(z, self.subsample_size, generator=gen)
+        u, g = pot.value_and_grad(z, indices)
         if self.method == "fsgld":
             if self._sum_precision is None:
                 raise RuntimeError(
@@ -369,78 +402,179 @@ class FederatedSGLD:
             g = g + conducive
         return u, g
 
+    def init(self, z: torch.Tensor) -> FederatedState:
+        return FederatedState(z, z.new_zeros(z.shape[0]), torch.zeros_like(z))
+
+    def draw(self, state: FederatedState, generator: torch.Generator, t: int) -> StepRandomness:
+        z = state.z
+        s = self.shard_for_step(t)
+        if s not in self.workers:
+            raise ValueError(f"shard {s} is not held by this process")
+        indices = self.workers[s].potential.draw_indices(
+            z.shape[0], generator, with_replacement=self.with_replacement
+        )
+        noise = torch.randn(z.shape, generator=generator, dtype=z.dtype, device=z.device)
+        return StepRandomness(noise, indices)
+
+    def step(self, state: FederatedState, step_size, randomness: StepRandomness,
+             t: int) -> FederatedState:
+        """The local gradient on shard ``s(t)``, then ``z' = sgld_step(z, g, h, xi)``."""
+        u, g = self.local_gradient(self.shard_for_step(t), state.z, randomness.indices)
+        return FederatedState(sgld_step(state.z, g, step_size, randomness.noise), u, g)
+
+    @staticmethod
+    def positions(state: FederatedState) -> torch.Tensor:
+        return state.z
+
+    def nonfinite_error(self, old, new, t: int, note: str = "") -> FloatingPointError:
+        s = self.shard_for_step(t)
+        pot = self.workers[s].potential
+        z = old.z
+        chains, latent, model_sites = pot.nonfinite_report(z, new.potential_energy, new.grad)
+        if not chains:  # the gradient was finite but the step overflowed
+            chains = torch.nonzero(~torch.isfinite(new.z).all(-1)).flatten().tolist()
+            latent = [k for k, sl in pot.site_slices.items()
+                      if not bool(torch.isfinite(new.z[:, sl]).all())]
+        zb = z[chains[:1]]
+        return FloatingPointError(
+            f"FederatedSGLD: non-finite potential/gradient on shard {s} {note}at iteration {t}: "
+            f"chain(s) {chains[:10]}, latent site(s) with non-finite state or gradient {latent}, "
+            f"model site(s) with non-finite log-density {model_sites}, at latent values "
+            f"{ {k: v.tolist() for k, v in pot.unpack(zb).items()} }. "
+            "Try a smaller step size, or check the model's parameters/data."
+        )
+
+    # ------------------------------------------------------------------ chains and packets
+    def _prepare(self) -> None:
+        if self.method == "fsgld" and self._sum_precision is None:
+            if len(self.workers) != self.num_shards:
+                raise RuntimeError("FSGLD needs every shard's approximation: call "
+                                   "set_approximations()")
+            self.set_approximations(self.fit_local_approximations())
+
+    def _initial_z(self, num_chains: int, initial_params) -> torch.Tensor:
+        if initial_params is None:
+            w = self.workers[min(self.workers)]
+            devices = [self.device.index or 0] if self.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(self.seed)
+                return w.potential.initial_params(num_chains)
+        if isinstance(initial_params, dict):
+            initial_params = self.workers[min(self.workers)].potential.pack(initial_params)
+        z = torch.as_tensor(initial_params, dtype=self.dtype, device=self.device)
+        if z.shape != (num_chains, self.dim):
+            raise ValueError(
+                f"initial params must have shape ({num_chains}, {self.dim}), got {tuple(z.shape)}"
+            )
+        return z.detach().clone()
+
+    def _new_driver(self, z: torch.Tensor, t: int, rng_state: torch.Tensor | None):
+        gen = torch.Generator(device=self.device)
+        if rng_state is None:
+            gen.manual_seed(self.seed)
+        else:
+            gen.set_state(rng_state)
+        driver = ChainDriver(self, self.schedule, generator=gen, name=self.method.upper())
+        driver.start(z, t=t)
+        return driver
+
+    def initial_packet(
+        self, num_chains: int, initial_params: torch.Tensor | dict | None = None
+    ) -> ChainPacket:
+        """Chains at their start (drawn on the lowest-index local shard, seeded) and the
+        first shard to visit."""
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(self.seed)
+        z = self._initial_z(num_chains, initial_params)
+        return ChainPacket(z, 0, 0, self.shard_for_round(0), gen.get_state())
+
     def run_round(self, packet: ChainPacket) -> tuple[ChainPacket, torch.Tensor]:
         """``tau`` local steps on ``packet.shard`` (must be held here); returns the new packet
         (with the next shard drawn) and the ``(C, tau, D)`` draws of this round."""
         s = packet.shard
         if s not in self.workers:
             raise ValueError(f"shard {s} is not held by this process")
-        gen = torch.Generator(device=self.device)
-        gen.set_state(packet.rng_state)
-        z, t = packet.z, packet.t
-        slices = self.workers[s].potential.site_slices
-        draws = []
-        for _ in range(self.tau):
-            h = float(self.schedule(t))
-            if not (math.isfinite(h) and h > 0):
-                raise ValueError(f"step-size schedule gave h={h!r} at iteration {t}; need h > 0")
-            u, g = self.local_gradient(s, z, gen)
-            if not (bool(torch.isfinite(u).all()) and bool(torch.isfinite(g).all())):
-                self._raise_nonfinite(s, z, u, g, t)
-            noise = torch.randn(z.shape, generator=gen, dtype=z.dtype, device=z.device)
-            z = sgld_step(z, g, h, noise)
-            check_finite(f"state on shard {s}", z, t, site_names=slices)
-            draws.append(z)
-            t += 1
+        self._prepare()
+        driver = self._new_driver(packet.z, packet.t, packet.rng_state)
+        draws = driver.run(self.tau, progress=False)
         nxt = self.shard_for_round(packet.round + 1)
-        out = ChainPacket(z, t, packet.round + 1, nxt, gen.get_state(), copy.copy(packet.extra))
-        return out, torch.stack(draws, dim=1)
+        out = ChainPacket(driver.state.z, driver.t, packet.round + 1, nxt,
+                          driver.generator.get_state(), dict(packet.extra))
+        return out, draws
 
-    def _raise_nonfinite(self, s, z, u, g, t) -> None:
-        pot = self.workers[s].potential
-        chains, latent, model_sites = pot.nonfinite_report(z, u, g)
-        zb = z[chains]
-        raise FloatingPointError(
-            f"non-finite potential/gradient on shard {s} at iteration {t}: chain(s) "
-            f"{chains[:10]}, latent site(s) with non-finite state or gradient {latent}, "
-            f"model site(s) with non-finite log-density {model_sites}, at latent values "
-            f"{ {k: v.tolist() for k, v in pot.unpack(zb[:1]).items()} }. "
-            "Try a smaller step size, or check the model's parameters/data."
-        )
-
-    # ------------------------------------------------------------------ in-process execution
-    def run(
+    def sample_chains(
         self,
-        num_rounds: int,
-        num_chains: int = 1,
+        num_samples: int,
         *,
-        initial_params: torch.Tensor | None = None,
-        packet: ChainPacket | None = None,
-        progress: bool = False,
-    ) -> tuple[torch.Tensor, ChainPacket]:
-        """Run ``num_rounds`` rounds in this process (all shards held here).
+        num_chains: int = 1,
+        warmup_steps: int = 0,
+        thinning: int = 1,
+        initial_params: torch.Tensor | dict | None = None,
+        progress: bool = True,
+        unconstrained: bool = False,
+    ) -> dict[str, torch.Tensor]:
+        """Run ``num_chains`` chains in this process (every shard held here); return
+        ``{site: (C, num_samples, *shape)}`` (``"_z"``: flat unconstrained draws with
+        ``unconstrained=True``).
 
-        Returns ``(draws (C, num_rounds * tau, D) unconstrained, final packet)``; pass the
-        packet back (``packet=``) to continue -- it is the whole checkpoint (with
-        :attr:`approximations`). Use :meth:`constrain` for ``{site: (C, S, *shape)}``.
+        Step ``t`` runs on the shard of round ``t // tau``; ``warmup_steps`` steps are discarded,
+        then every ``thinning``-th of ``num_samples * thinning`` steps is kept (``num_samples=0``:
+        warm-up only). A second call continues the held chains (same ``num_chains``; another
+        number is an error, :meth:`reset` starts afresh; ``initial_params`` start a fresh run).
         """
-        from tqdm.auto import tqdm
-
+        check_run_lengths(num_samples, warmup_steps, thinning, "FederatedSGLD.sample_chains")
+        if isinstance(num_chains, bool) or not isinstance(num_chains, int) or num_chains < 1:
+            raise ValueError(f"FederatedSGLD.sample_chains(..., num_chains={num_chains!r}): "
+                             "must be a positive int")
         if len(self.workers) != self.num_shards:
-            raise ValueError("in-process run needs every shard")
-        if self.method == "fsgld" and self._sum_precision is None:
-            self.set_approximations(self.fit_local_approximations())
-        if packet is None:
-            packet = self.initial_packet(num_chains, initial_params)
-        draws = []
-        for _ in tqdm(range(num_rounds), disable=not progress, desc=self.method.upper()):
-            packet, d = self.run_round(packet)
-            draws.append(d)
-        return torch.cat(draws, dim=1), packet
+            raise ValueError("in-process sampling needs every shard")
+        self._prepare()
+        held = None if self._driver is None else self._driver.num_chains
+        if initial_params is not None or held is None:
+            self._driver = self._new_driver(self._initial_z(num_chains, initial_params), 0, None)
+        elif held != num_chains:
+            raise ValueError(
+                f"FederatedSGLD.sample_chains(..., num_chains={num_chains}): the sampler holds "
+                f"{held} chain(s) and continues them; pass num_chains={held}, or call reset()"
+            )
+        zs = self._driver.run(num_samples, warmup_steps=warmup_steps, thinning=thinning,
+                              progress=progress)
+        return {"_z": zs} if unconstrained else self.constrain(zs)
+
+    def reset(self) -> None:
+        """Forget the chains (the next run starts from fresh initial points)."""
+        self._driver = None
+
+    @property
+    def driver(self) -> ChainDriver | None:
+        """The :class:`mcmc.chains.ChainDriver` of the in-process chains (``None`` before)."""
+        return self._driver
+
+    def state_dict(self) -> dict:
+        """The chains (driver state and generator), the shard approximations and the seed of
+        the visit schedule: everything a bit-identical continuation needs."""
+        if self._driver is None:
+            raise RuntimeError("nothing to checkpoint: no chains yet")
+        return {"kernel": "FederatedSGLD", "driver": self._driver.state_dict(),
+                "approximations": dict(self.approximations), "seed": self.seed}
+
+    def load_state_dict(self, sd: dict) -> None:
+        """Restore :meth:`state_dict` output."""
+        if sd.get("kernel") != "FederatedSGLD":
+            raise ValueError(f"checkpoint is from {sd.get('kernel')!r}, not 'FederatedSGLD'")
+        if sd["approximations"]:
+            self.set_approximations(sd["approximations"])
+        self.seed = int(sd["seed"])  # the shard-visit schedule is part of the chains' law
+        if hasattr(self, "_schedule"):
+            del self._schedule
+        z = sd["driver"]["state"]["z"]
+        self._driver = self._new_driver(z, int(sd["driver"]["t"]), None)
+        self._driver.load_state_dict(sd["driver"], FederatedState)
 
     def constrain(self, draws: torch.Tensor) -> dict[str, torch.Tensor]:
         """``(C, S, D)`` unconstrained draws -> ``{site: (C, S, *shape)}``."""
         pot = next(iter(self.workers.values())).potential
         C, S = draws.shape[:2]
-        flat = pot.unpack(draws.reshape(C * S, -1))
+        flat = pot.unpack(draws.reshape(C * S, draws.shape[-1]))
         return {k: v.reshape((C, S) + tuple(v.shape[1:])) for k, v in flat.items()}
+

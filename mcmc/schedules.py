@@ -3,11 +3,11 @@
 Steps count from ``t = 0`` (the first update). Every schedule is a small picklable callable
 object, so kernels that hold one can be sent to worker processes and checkpointed.
 
-* :class:`Constant` -- ``h_t = h``.
-* :class:`Polynomial` -- ``h_t = a (b + t)^(-gamma)`` (Welling & Teh 2011, Sec. 3: with
+* :class:`ConstantSchedule` -- ``h_t = h``.
+* :class:`PolynomialSchedule` -- ``h_t = a (b + t)^(-gamma)`` (Welling & Teh 2011, Sec. 3: with
   ``gamma`` in (0.5, 1] the sums of ``h_t`` diverge and of ``h_t^2`` converge, so SGLD converges
   to the posterior without a Metropolis step).
-* :class:`Cyclical` -- cosine cycles (Zhang et al., "Cyclical Stochastic Gradient MCMC for
+* :class:`CyclicalSchedule` -- cosine cycles (Zhang et al., "Cyclical Stochastic Gradient MCMC for
   Bayesian Deep Learning", ICLR 2020, eq. 1): ``h_t = h0 / 2 * (cos(pi * (t mod L) / L) + 1)``
   with cycle length ``L = ceil(total_steps / num_cycles)``.
 """
@@ -17,7 +17,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-__all__ = ["Constant", "Cyclical", "Polynomial", "Schedule", "as_schedule"]
+__all__ = [
+    "ConstantSchedule",
+    "CyclicalSchedule",
+    "PolynomialSchedule",
+    "Schedule",
+    "as_schedule",
+]
 
 
 def _positive(name: str, value: float) -> float:
@@ -35,7 +41,7 @@ class Schedule:
         raise NotImplementedError
 
 
-class Constant(Schedule):
+class ConstantSchedule(Schedule):
     """``h_t = step_size``."""
 
     def __init__(self, step_size: float) -> None:
@@ -45,10 +51,10 @@ class Constant(Schedule):
         return self.step_size
 
     def __repr__(self) -> str:
-        return f"Constant({self.step_size:g})"
+        return f"ConstantSchedule({self.step_size:g})"
 
 
-class Polynomial(Schedule):
+class PolynomialSchedule(Schedule):
     """``h_t = a * (b + t) ** (-gamma)`` with ``a > 0``, ``b >= 1``, ``gamma >= 0``."""
 
     def __init__(self, a: float, b: float = 1.0, gamma: float = 0.55) -> None:
@@ -64,10 +70,10 @@ class Polynomial(Schedule):
         return self.a * (self.b + t) ** (-self.gamma)
 
     def __repr__(self) -> str:
-        return f"Polynomial(a={self.a:g}, b={self.b:g}, gamma={self.gamma:g})"
+        return f"PolynomialSchedule(a={self.a:g}, b={self.b:g}, gamma={self.gamma:g})"
 
 
-class Cyclical(Schedule):
+class CyclicalSchedule(Schedule):
     """Cosine cycles: ``h_t = step_size / 2 * (cos(pi * (t mod L) / L) + 1)``.
 
     ``L = ceil(total_steps / num_cycles)``; each cycle starts at ``step_size`` (exploration) and
@@ -89,11 +95,11 @@ class Cyclical(Schedule):
         return self.step_size / 2 * (math.cos(math.pi * r) + 1)
 
     def __repr__(self) -> str:
-        return f"Cyclical({self.step_size:g}, num_cycles={self.num_cycles}, L={self.cycle_length})"
+        return f"CyclicalSchedule({self.step_size:g}, num_cycles={self.num_cycles}, L={self.cycle_length})"
 
 
 def as_schedule(step_size: float | Callable[[int], float]) -> Callable[[int], float]:
-    """A number becomes :class:`Constant`; a schedule (any callable ``t -> h``) is kept."""
+    """A number becomes :class:`ConstantSchedule`; a schedule (any callable ``t -> h``) is kept."""
     if callable(step_size):
         return step_size
-    return Constant(step_size)
+    return ConstantSchedule(step_size)

@@ -504,6 +504,8 @@ def build_parser(method_help: str | None = None) -> argparse.ArgumentParser:
     lst = sub.add_parser("list", help="list zoo models and methods (or one method's options)")
     lst.add_argument("--method", type=_method_name, default=None, metavar="METHOD",
                      help="show this method's options and the settings it reads")
+    sub.add_parser("federated", help="FSGLD/DSGLD, one process per shard (under torchrun); "
+                   "see `pyroforge federated --help`")
 
     def common(p):
         p.add_argument("--num-samples", type=_int_at_least(1), default=None, metavar="N",
@@ -562,6 +564,10 @@ def _method_in_argv(argv: list[str]) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["federated"]:  # its own parser: models/federated_cli.py
+        from .federated_cli import main as federated_main
+
+        return federated_main(argv[1:])
     method_help = None
     if argv[:1] == ["run"] and ("-h" in argv or "--help" in argv):
         name = _method_in_argv(argv)

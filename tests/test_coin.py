@@ -369,14 +369,21 @@ def test_coin_msvgd_bad_input():
 
 
 def test_coin_msvgd_on_a_pyro_model_with_a_simplex_site():
-    """Zoo dirichlet_multinomial (analytic Dirichlet posterior), via CoinMSVGD.from_model."""
+    """Zoo dirichlet_multinomial (analytic Dirichlet posterior), via CoinMSVGD.from_model.
+
+    The particles start at prior draws, far from this posterior (Dirichlet(9, 16, 43, 57, 80));
+    coin betting has a transient before it settles. Measured over seeds 0-5 (energy distance to
+    the reference draws; 50 iid exact draws give 1.5e-3 on average, 90% quantile 2.3e-3): after
+    150 steps 0.6e-3 .. 1.6e-3 with mean errors up to 1.6 iid SEs (not settled on some seeds:
+    the old 150-step version of this test failed with the RNG stream of its time, 2.2e-3), after
+    300 steps 0.5e-3 .. 0.7e-3 with mean errors <= 0.5 iid SE, after 1000 steps ~0.5e-3."""
     import models
 
     spec = models.get("dirichlet_multinomial", dtype=torch.float64)
     exact = spec.reference.analytic["probs"]
     n = 50
     s = CoinMSVGD.from_model(spec.model, "probs", SIMPLEX, n, spec.args, spec.kwargs)
-    s.run(150)
+    s.run(300)
     x = s.get_named_particles()["probs"]
     assert x.shape == (n, 5)
     assert (x > 0).all() and torch.allclose(x.sum(-1), torch.ones(n, **F64))
@@ -384,11 +391,11 @@ def test_coin_msvgd_on_a_pyro_model_with_a_simplex_site():
     z = (x.mean(0) - exact.mean).abs() / (exact.variance.sqrt() / n**0.5)
     ref = spec.reference.draws["probs"]
     ed = float(energy_distance(x, ref))
-    iid = [float(energy_distance(exact.sample((n,)), ref)) for _ in range(5)]
+    iid = torch.tensor([float(energy_distance(exact.sample((n,)), ref)) for _ in range(50)])
     print(f"MSVGD on dirichlet_multinomial: |mean error| / iid SE {z.tolist()}; energy distance "
-          f"{ed:.2e} vs {n} iid exact draws {sum(iid) / 5:.2e}")
+          f"{ed:.2e} vs {n} iid exact draws {iid.mean():.2e} (median {iid.median():.2e})")
     assert z.max() < 4
-    assert ed < sum(iid) / 5
+    assert ed < iid.median()
 
 
 def test_coin_msvgd_from_model_bad_input():

@@ -35,10 +35,11 @@ def test_fsgld_spread_matches_the_stationary_formula(blobs, tau):
     P = 1 / o["prior_scale"] ** 2 + N / o["obs_scale"] ** 2
     C, steps, burn = 100, 1000, 200
     algo = FederatedSGLD(
-        blobs.model, blobs.shards, method="fsgld", step_size=H, tau=tau, seed=0, subsample_size=B
+        blobs.model, blobs.shards, method="fsgld", step_size=H, tau=tau, seed=0, subsample_size=B,
+        scale_likelihood=False,  # the zoo's shard models scale their likelihood (num_total)
     )
-    draws, packet = algo.run(steps // tau, num_chains=C)
-    assert packet.t == steps and draws.shape == (C, steps, 2)
+    draws = algo.sample_chains(steps, num_chains=C, unconstrained=True)["_z"]
+    assert algo.driver.t == steps and draws.shape == (C, steps, 2)
     # per-step minibatch-noise variance of (N / B) * sum over B rows of shard s (w/o replacement)
     V_s = []
     for (x,), _ in blobs.shards:
@@ -64,8 +65,9 @@ def test_fsgld_spread_matches_the_stationary_formula(blobs, tau):
 def test_dsgld_spread_blows_up_with_long_local_trajectories(blobs):
     target, _ = _ula_variance(blobs)
     C, steps, burn, tau = 50, 1000, 200, 200
-    algo = FederatedSGLD(blobs.model, blobs.shards, method="dsgld", step_size=H, tau=tau, seed=0)
-    draws, _ = algo.run(steps // tau, num_chains=C)
+    algo = FederatedSGLD(blobs.model, blobs.shards, method="dsgld", step_size=H, tau=tau, seed=0,
+                         scale_likelihood=False)
+    draws = algo.sample_chains(steps, num_chains=C, unconstrained=True)["_z"]
     d = draws[:, burn:]
     var = ((d - blobs.reference.mean()["theta"]) ** 2).mean((0, 1))
     print("DSGLD tau=200 variance / stationary formula", var / target)
@@ -85,15 +87,28 @@ def test_shard_approximation_is_exact_for_gaussian_likelihoods(blobs):
     torch.testing.assert_close(q.mean(), x.mean(0), rtol=1e-6, atol=1e-6)
 
 
-def test_resume_from_packet_is_bit_identical(blobs):
-    kw = {"method": "fsgld", "step_size": H, "tau": 5, "seed": 4, "subsample_size": 10}
-    full, _ = FederatedSGLD(blobs.model, blobs.shards, **kw).run(8, num_chains=3)
+def test_resume_from_checkpoint_is_bit_identical(blobs):
+    kw = {"method": "fsgld", "step_size": H, "tau": 5, "seed": 4, "subsample_size": 10,
+          "scale_likelihood": False}
+    full = FederatedSGLD(blobs.model, blobs.shards, **kw).sample_chains(
+        40, num_chains=3, unconstrained=True)["_z"]
     algo = FederatedSGLD(blobs.model, blobs.shards, **kw)
-    d1, packet = algo.run(3, num_chains=3)
-    algo2 = FederatedSGLD(blobs.model, blobs.shards, **kw)
-    algo2.set_approximations(algo.approximations)  # the checkpoint: packet + q_s parameters
-    d2, _ = algo2.run(5, packet=packet)
+    d1 = algo.sample_chains(13, num_chains=3, unconstrained=True)["_z"]  # mid-round
+    sd = algo.state_dict()  # the checkpoint: chains, generator, step counter, q_s parameters
+    algo2 = FederatedSGLD(blobs.model, blobs.shards, **{**kw, "seed": 99})
+    algo2.load_state_dict(sd)
+    d2 = algo2.sample_chains(27, num_chains=3, unconstrained=True)["_z"]
     assert torch.equal(torch.cat([d1, d2], 1), full)
+    with pytest.raises(ValueError, match=r"holds 3 chain\(s\)"):
+        algo2.sample_chains(2, num_chains=4)
+    # the round-by-round execution of the distributed runner gives the same draws
+    algo3 = FederatedSGLD(blobs.model, blobs.shards, **kw)
+    packet = algo3.initial_packet(3)
+    rounds = []
+    for _ in range(8):
+        packet, d = algo3.run_round(packet)
+        rounds.append(d)
+    assert torch.equal(torch.cat(rounds, 1), full)
 
 
 def test_bad_input(blobs):
@@ -104,7 +119,8 @@ def test_bad_input(blobs):
         FederatedSGLD(blobs.model, shards, tau=0)
     with pytest.raises(ValueError, match="method must be"):
         FederatedSGLD(blobs.model, shards, method="sgld")
-    with pytest.raises(ValueError, match="larger than shard 0"):
+    with pytest.raises(ValueError, match=r"shard 0: FederatedSGLD\(\.\.\., subsample_size=51\) is "
+                       r"larger than the 50 rows of plate 'data'"):
         FederatedSGLD(blobs.model, shards, subsample_size=51)
     (x0,), kw0 = shards[0]
     empty = [((x0[:0],), kw0)] + list(shards[1:])
@@ -113,13 +129,14 @@ def test_bad_input(blobs):
     wide = list(shards[:-1]) + [((torch.zeros(5, 3, dtype=x0.dtype),), kw0)]
     with pytest.raises(ValueError, match="shards 0 and 3 have different"):
         FederatedSGLD(blobs.model, wide)
-    with pytest.raises(ValueError, match="shard_probs must be"):
+    with pytest.raises(ValueError, match=r"shard_probs=\[0.5, 0.5, 0.5, -0.5\]\): must be 4 positive"):
         FederatedSGLD(blobs.model, shards, shard_probs=[0.5, 0.5, 0.5, -0.5])
     with pytest.raises(ValueError, match="need at least one shard"):
         FederatedSGLD(blobs.model, [])
 
 
 def test_nonfinite_names_iteration_shard_and_site(blobs):
-    algo = FederatedSGLD(blobs.model, blobs.shards, method="dsgld", step_size=10.0, tau=5)
+    algo = FederatedSGLD(blobs.model, blobs.shards, method="dsgld", step_size=10.0, tau=5,
+                         scale_likelihood=False)
     with pytest.raises(FloatingPointError, match=r"on shard \d at iteration \d+: .*'theta'"):
-        algo.run(50, num_chains=2)
+        algo.sample_chains(250, num_chains=2)

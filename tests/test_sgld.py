@@ -9,7 +9,7 @@ import scipy.linalg
 import torch
 
 from mcmc.diagnostics import to_inference_data
-from mcmc.schedules import Constant, Cyclical, Polynomial, as_schedule
+from mcmc.schedules import ConstantSchedule, CyclicalSchedule, PolynomialSchedule, as_schedule
 from mcmc.sgld import CVSGLD, SGLD, cv_gradient, find_mode, pSGLD, psgld_step, sgld_step
 
 # ---------------------------------------------------------------- a linear-Gaussian target
@@ -125,7 +125,7 @@ def test_psgld_stationary_moments_match_the_frozen_preconditioner_formula():
         20, num_chains=C, warmup_steps=200, thinning=10, model_args=(x,), initial_params=z0
     )["theta"]
     mean, mean_se, cov, cov_se = _moments_with_se(d)
-    G = torch.diag((1 / (1e-5 + kernel.state["square_avg"].sqrt())).mean(0))
+    G = torch.diag((1 / (1e-5 + kernel.state.square_avg.sqrt())).mean(0))
     M = (torch.eye(2, dtype=torch.float64) - h * G @ P).numpy()
     Q = (2 * h * G + h * h * G @ V @ G).numpy()
     target = torch.from_numpy(scipy.linalg.solve_discrete_lyapunov(M, Q))
@@ -155,25 +155,25 @@ def test_step_functions_match_their_formulas():
 
 
 def test_schedules():
-    assert Constant(0.1)(0) == Constant(0.1)(1000) == 0.1
-    p = Polynomial(a=0.5, b=10, gamma=0.55)
+    assert ConstantSchedule(0.1)(0) == ConstantSchedule(0.1)(1000) == 0.1
+    p = PolynomialSchedule(a=0.5, b=10, gamma=0.55)
     assert p(0) == pytest.approx(0.5 * 10**-0.55)
     assert p(90) == pytest.approx(0.5 * 100**-0.55)
-    c = Cyclical(1.0, num_cycles=2, total_steps=100)
+    c = CyclicalSchedule(1.0, num_cycles=2, total_steps=100)
     assert c(0) == 1.0 and c(50) == 1.0
     assert c(25) == pytest.approx(0.5)
     assert c(49) < 0.01
-    assert isinstance(as_schedule(0.3), Constant) and as_schedule(p) is p
+    assert isinstance(as_schedule(0.3), ConstantSchedule) and as_schedule(p) is p
     with pytest.raises(ValueError, match="step_size must be a finite number > 0"):
-        Constant(0.0)
+        ConstantSchedule(0.0)
     with pytest.raises(ValueError, match="step_size must be a finite number > 0"):
-        Constant(-1.0)
+        ConstantSchedule(-1.0)
     with pytest.raises(ValueError, match="b must be >= 1"):
-        Polynomial(1.0, b=0.5)
+        PolynomialSchedule(1.0, b=0.5)
     with pytest.raises(ValueError, match="num_cycles"):
-        Cyclical(1.0, num_cycles=0, total_steps=10)
+        CyclicalSchedule(1.0, num_cycles=0, total_steps=10)
     with pytest.raises(TypeError, match="step_size must be a number"):
-        Constant("0.1")
+        ConstantSchedule("0.1")
 
 
 def test_schedule_sees_the_global_step_count_in_pyro_mcmc():
@@ -188,7 +188,7 @@ def test_schedule_sees_the_global_step_count_in_pyro_mcmc():
     kernel = SGLD(gaussian_model, step_size=schedule, subsample_size=B)
     mcmc = pyro.infer.MCMC(kernel, num_samples=30, warmup_steps=20, disable_progbar=True)
     mcmc.run(x)
-    assert kernel.state["t"] == 50
+    assert kernel.driver.t == 50
     assert seen[-1] == 49 and sorted(set(seen)) == list(range(50))
     samples = mcmc.get_samples()
     assert samples["theta"].shape == (30, 2)
@@ -283,9 +283,9 @@ def test_nonfinite_halve_opt_in_recovers():
     kernel = SGLD(barrier_model, step_size=0.5, on_nonfinite="halve", seed=0)
     d = kernel.sample_chains(200, num_chains=8, initial_params=torch.zeros(8, 1))
     assert torch.isfinite(d["z"]).all() and (d["z"].abs() < 1).all()
-    assert kernel.state["num_halvings"] > 0
-    assert (kernel.state["multiplier"] < 1).all()
-    print("halvings", kernel.state["num_halvings"], "multipliers", kernel.state["multiplier"].T)
+    assert kernel.driver.num_halvings > 0
+    assert (kernel.driver.multiplier < 1).all()
+    print("halvings", kernel.driver.num_halvings, "multipliers", kernel.driver.multiplier.T)
     # a hopeless step (always non-finite) still stops with the error after max_halvings
     kernel = SGLD(barrier_model, step_size=1e6, on_nonfinite="halve", max_halvings=2, seed=0)
     with pytest.raises(FloatingPointError, match="after 2 step halvings"):
@@ -319,7 +319,7 @@ def test_new_data_and_new_initial_params_are_not_ignored():
     h = 1e-3
     kernel = SGLD(gaussian_model, step_size=h, seed=0)  # full-data gradients: no RNG for rows
     kernel.sample_chains(3, num_chains=2, model_args=(x,))
-    z0 = kernel.state["z"].clone()
+    z0 = kernel.state.z.clone()
     gen = torch.Generator().manual_seed(0)
     gen.set_state(kernel.generator.get_state())
     got = kernel.sample_chains(1, num_chains=2, model_args=(x2,), unconstrained=True)["_z"][:, 0]
@@ -344,8 +344,15 @@ def test_bad_input():
         pSGLD(gaussian_model, step_size=-1e-3)
     with pytest.raises(ValueError, match="subsample_size must be a positive int"):
         SGLD(gaussian_model, step_size=1e-3, subsample_size=0)
-    with pytest.raises(ValueError, match="larger than the data"):
+    with pytest.raises(ValueError, match=r"SGLD\(\.\.\., subsample_size=101\) is larger than the "
+                       r"100 rows of plate 'data'"):
         SGLD(gaussian_model, step_size=1e-3, subsample_size=N + 1).sample_chains(5, model_args=(x,))
+    with pytest.raises(ValueError, match=r"plate 'data' declares subsample_size=20 in the model, "
+                       r"but SGLD\(\.\.\., subsample_size=10\)"):
+        SGLD(gaussian_model, subsample_size=B).sample_chains(
+            5, model_args=(x,), model_kwargs={"subsample_size": 20})
+    with pytest.raises(ValueError, match=r"sample_chains\(\.\.\., num_samples=-1\)"):
+        SGLD(gaussian_model).sample_chains(-1, model_args=(x,))
     with pytest.raises(ValueError, match="on_nonfinite"):
         SGLD(gaussian_model, on_nonfinite="ignore")
     with pytest.raises(ValueError, match="give a Pyro `model`"):
@@ -358,6 +365,52 @@ def test_bad_input():
         )
     with pytest.raises(ValueError, match="schedule gave h="):
         SGLD(gaussian_model, step_size=lambda t: 0.0).sample_chains(5, model_args=(x,))
+
+
+def test_num_samples_zero():
+    """Pyro's MCMC with num_samples=0 gets a clear error (not Pyro's 'stack expects a non-empty
+    TensorList'); the vectorised driver runs the warm-up only and returns 0 draws (documented),
+    and the next call continues from there."""
+    x = _gaussian_data()
+    mcmc = pyro.infer.MCMC(SGLD(gaussian_model, step_size=1e-3), num_samples=0, warmup_steps=3,
+                           disable_progbar=True)
+    with pytest.raises(ValueError, match=r"MCMC\(SGLD\(\.\.\.\), num_samples=0\): num_samples "
+                       r"must be >= 1"):
+        mcmc.run(x)
+    kernel = SGLD(gaussian_model, step_size=1e-3, seed=0)
+    d = kernel.sample_chains(0, num_chains=3, warmup_steps=5, model_args=(x,))
+    assert d["theta"].shape == (3, 0, 2) and kernel.driver.t == 5
+    d = kernel.sample_chains(4, num_chains=3, model_args=(x,))
+    assert d["theta"].shape == (3, 4, 2) and kernel.driver.t == 9
+
+
+def test_checkpoint_with_another_num_chains_is_an_error(tmp_path):
+    """A loaded checkpoint is never silently discarded: another num_chains is a clear error;
+    reset() starts afresh on purpose."""
+    x = _gaussian_data()
+    first = SGLD(gaussian_model, step_size=2e-3, subsample_size=B, seed=7)
+    first.sample_chains(5, num_chains=4, model_args=(x,))
+    sd = first.state_dict()
+    resumed = SGLD(gaussian_model, step_size=2e-3, subsample_size=B)
+    resumed.load_state_dict(sd)
+    with pytest.raises(ValueError, match=r"checkpoint holds 4 chain\(s\); it cannot continue as "
+                       r"num_chains=2.*reset\(\)"):
+        resumed.sample_chains(5, num_chains=2, model_args=(x,))
+    # chains held from a previous run: the same rule
+    with pytest.raises(ValueError, match=r"num_chains=2\): the kernel holds 4 chain"):
+        first.sample_chains(5, num_chains=2, model_args=(x,))
+    first.reset()
+    assert first.sample_chains(3, num_chains=2, model_args=(x,))["theta"].shape == (2, 3, 2)
+    # the checkpoint also continues inside Pyro's MCMC when it holds one chain
+    one = SGLD(gaussian_model, step_size=2e-3, seed=1)
+    one.sample_chains(3, num_chains=1, model_args=(x,))
+    sd1 = one.state_dict()
+    later = one.sample_chains(2, num_chains=1, model_args=(x,), unconstrained=True)["_z"][0]
+    k2 = SGLD(gaussian_model, step_size=2e-3)
+    k2.load_state_dict(sd1)
+    mcmc = pyro.infer.MCMC(k2, num_samples=2, warmup_steps=0, disable_progbar=True)
+    mcmc.run(x)
+    torch.testing.assert_close(mcmc.get_samples()["theta"], later, rtol=0, atol=0)
 
 
 @pytest.mark.cuda

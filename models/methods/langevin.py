@@ -123,17 +123,19 @@ def _federated_method(name: str, method: str, description: str) -> Method:
         _, mode, step = mode_and_step(spec, config)
         tau = config.options["tau"]
         num_chains = config.options["num_chains"]
+        # the zoo's shard models scale their own likelihood (num_total=N)
         sampler = FederatedSGLD(spec.model, spec.shards, method=method, step_size=step, tau=tau,
                                 subsample_size=config.options["subsample_size"],
+                                scale_likelihood=False,
                                 max_plate_nesting=spec.max_plate_nesting, seed=config.seed,
                                 shard_sizes=spec.options.get("shard_sizes"))
         rounds = -(-config.num_samples // tau)
-        warmup_rounds = (rounds // 2 if config.warmup_steps is None
-                         else -(-config.warmup_steps // tau))
-        _, packet = sampler.run(max(warmup_rounds, 1), num_chains,
-                                   initial_params=mode.expand(num_chains, -1))
-        z, _ = sampler.run(rounds, num_chains, packet=packet, progress=config.progress)
-        draws = sampler.constrain(z[:, : config.num_samples])
+        warmup = (max(rounds // 2, 1) * tau if config.warmup_steps is None
+                  else max(-(-config.warmup_steps // tau), 1) * tau)
+        draws = sampler.sample_chains(config.num_samples, num_chains=num_chains,
+                                      warmup_steps=warmup,
+                                      initial_params=mode.expand(num_chains, -1),
+                                      progress=config.progress)
         wall = time.perf_counter() - start
         return chains_result(name, spec, draws, wall,
                              ess_defined=True, info={"step_size": step, "tau": tau,
@@ -185,10 +187,10 @@ def _proximal_method(name: str, method: str, description: str) -> Method:
         num_chains = config.options["num_chains"]
         warmup = (config.warmup_steps if config.warmup_steps is not None
                   else config.num_samples)
-        draws = kernel.run_chains(*spec.args, num_chains=num_chains,
-                                  num_samples=config.num_samples, warmup_steps=warmup,
-                                  initial_params=pot.unpack(mode), progress=config.progress,
-                                  **spec.kwargs)
+        draws = kernel.sample_chains(config.num_samples, num_chains=num_chains,
+                                     warmup_steps=warmup, model_args=spec.args,
+                                     model_kwargs=spec.kwargs, initial_params=pot.unpack(mode),
+                                     progress=config.progress)
         wall = time.perf_counter() - start
         return chains_result(name, spec, draws, wall,
                              ess_defined=True, info={"step_size": step, "num_chains": num_chains})
