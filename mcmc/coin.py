@@ -248,6 +248,8 @@ class ParticleSampler:
             as Pyro's SVGD; ``init_to_value`` for models with flat ``ImproperUniform`` priors).
         vectorize: how the particles are evaluated (:class:`mcmc.potential.Potential`: a particle
             plate when the model broadcasts, else ``torch.func.vmap``, else a loop).
+        capture: the potential's gradients as a captured graph (``"auto"``, a backend or
+            ``"off"``; see :mod:`mcmc.potential`).
         initial_particles: ``(N, D)`` unconstrained tensor, or ``{site: (N, *shape)}``
             constrained values, instead of ``init_strategy``.
 
@@ -266,7 +268,11 @@ class ParticleSampler:
         init_strategy: Callable | None = None,
         initial_particles=None,
         vectorize: str = "auto",
+        capture: str | bool = "auto",
     ) -> None:
+        from .potential import capture_option
+
+        self.capture = capture_option(capture, type(self).__name__)
         if isinstance(num_particles, bool) or not isinstance(num_particles, int):
             raise TypeError(f"num_particles must be an int, got {type(num_particles).__name__}")
         if num_particles < 2:
@@ -316,7 +322,7 @@ class ParticleSampler:
             self._potential = Potential(
                 self.model, args, kwargs, max_plate_nesting=self.max_plate_nesting,
                 init_strategy=self.init_strategy or init_to_sample, vectorize=self.vectorize,
-                owner=type(self).__name__,
+                owner=type(self).__name__, capture=self.capture,
             )
         elif key != self._args_key:
             # New data (e.g. a minibatch passed as an argument): same sites and transforms,

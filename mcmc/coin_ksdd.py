@@ -56,8 +56,8 @@ class CoinKSDD(ParticleSampler):
             (``potential(z)`` keeps the autograd graph, as :class:`mcmc.potential.Potential` and
             :class:`mcmc.coin.FunctionPotential` do).
         kernel: a :class:`mcmc.kernels.StationaryKernel` (default ``IMQKernel()``).
-        num_particles, max_plate_nesting, optim, init_strategy, initial_particles, vectorize: see
-            :class:`mcmc.coin.ParticleSampler`.
+        num_particles, max_plate_nesting, optim, init_strategy, initial_particles, vectorize,
+            capture: see :class:`mcmc.coin.ParticleSampler`.
         chunk_size: rows per Stein-kernel block.
 
     ``step`` returns ``{"mean_sq_direction", "ksd2"}`` (``ksd2``: the objective before the step).
@@ -75,10 +75,11 @@ class CoinKSDD(ParticleSampler):
         init_strategy=None,
         initial_particles=None,
         vectorize: str = "auto",
+        capture: str | bool = "auto",
     ) -> None:
         super().__init__(model, num_particles, max_plate_nesting=max_plate_nesting, optim=optim,
                          init_strategy=init_strategy, initial_particles=initial_particles,
-                         vectorize=vectorize)
+                         vectorize=vectorize, capture=capture)
         kernel = IMQKernel() if kernel is None else kernel
         if not isinstance(kernel, StationaryKernel):
             raise TypeError(f"kernel must be a mcmc.kernels.StationaryKernel, got "

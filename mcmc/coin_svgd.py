@@ -74,7 +74,8 @@ class CoinSVGD(ParticleSampler):
         optim: ``None`` for coin betting; a ``pyro.optim.PyroOptim`` or ``params -> Optimizer``
             for ordinary (learning-rate) SVGD on the same code path.
         chunk_size: rows per kernel block (memory ``O(chunk_size * N)``).
-        init_strategy, initial_particles, vectorize: see :class:`mcmc.coin.ParticleSampler`.
+        init_strategy, initial_particles, vectorize, capture: see
+            :class:`mcmc.coin.ParticleSampler`.
 
     Example::
 
@@ -97,6 +98,7 @@ class CoinSVGD(ParticleSampler):
         init_strategy=None,
         initial_particles=None,
         vectorize: str = "auto",
+        capture: str | bool = "auto",
     ) -> None:
         super().__init__(
             model,
@@ -106,6 +108,7 @@ class CoinSVGD(ParticleSampler):
             init_strategy=init_strategy,
             initial_particles=initial_particles,
             vectorize=vectorize,
+            capture=capture,
         )
         kernel = RBFKernel() if kernel is None else kernel
         if isinstance(kernel, SteinKernel):
