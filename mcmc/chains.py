@@ -45,9 +45,10 @@ changes within the next ``k`` steps (a block never spans two keys, e.g. two fede
 ``block_size="auto"`` (the samplers' default) is for runs of at least
 :data:`AUTO_BLOCK_MIN_STEPS` steps with at most :data:`AUTO_BLOCK_MAX_ELEMENTS` state entries
 ``C * D``: blocks of :data:`AUTO_BLOCK_SIZE` steps whose captured *step* graph is called from a
-short Python loop (capturing costs about as much as one step graph; compiling an unrolled
-block costs about a second), kept only if timing shows they beat single steps (per-step Python
-overhead dominates small steps; a step that is mostly tensor work gains nothing). Timing
+short Python loop (capturing costs about as much as one step graph), or, in runs of at least
+:data:`AUTO_UNROLL_MIN_STEPS` steps, unrolled into one graph (compiling it takes up to about a
+second; it runs faster). Blocks are kept only if timing shows they beat single steps (per-step
+Python overhead dominates small steps; a step that is mostly tensor work gains nothing). Timing
 decides only the speed: the draws are the same either way.
 """
 
@@ -89,8 +90,10 @@ MAX_BLOCK_GRAPHS = 8
 #: ``block_size="auto"``: single steps timed before trying blocks, blocks timed to judge them
 AUTO_PROBE_STEPS = 10
 AUTO_PROBE_BLOCKS = 3
-#: ``block_size="auto"`` tries blocks in runs of at least this many steps
+#: ``block_size="auto"`` tries blocks in runs of at least this many steps, and unrolls them into
+#: one graph (dearer to compile, faster) in runs of at least ``AUTO_UNROLL_MIN_STEPS``
 AUTO_BLOCK_MIN_STEPS = 1000
+AUTO_UNROLL_MIN_STEPS = 10000
 
 logger = logging.getLogger(__name__)
 
@@ -333,6 +336,8 @@ class ChainDriver:
         draws = pos.new_empty((pos.shape[0], num_samples, pos.shape[1]))
         total = warmup_steps + num_samples * thinning
         k = 1 if callback is not None else self.block_length(total)
+        # "auto": unrolled blocks (faster, dearer to compile) only in long runs
+        unrolled = self.block_size != "auto" or total >= AUTO_UNROLL_MIN_STEPS
         i = 0
         with progress_bar(total, progress=progress, desc=self.name) as bar:
             while i < total:
@@ -344,7 +349,7 @@ class ChainDriver:
                         n = 0  # "auto": time single steps first (below)
                     else:
                         start = time.perf_counter()
-                        block = self._block(k)
+                        block = self._block(k, unrolled)
                         if block is not None:
                             self._judge_blocks(k, time.perf_counter() - start)
                             steps = [s for s in range(i, i + k) if s >= warmup_steps
@@ -434,6 +439,15 @@ class ChainDriver:
         key = self.algorithm.block_key(self.t)
         return all(self.algorithm.block_key(self.t + j) == key for j in range(1, k))
 
+    @property
+    def capture_info(self) -> dict:
+        """Block steps so far: ``{"block_graphs": number captured, "backend": what runs them
+        (None before the first), "off": why block steps were turned off (or None), "auto":
+        the timing decision of ``block_size="auto"`` (None while undecided)}``."""
+        graphs = [g for key, g in self._blocks.items() if key[0] != "step"]
+        return {"block_graphs": len(graphs), "backend": graphs[-1].backend if graphs else None,
+                "off": self._block_failure, "auto": self._auto}
+
     def clear_captures(self) -> None:
         """Forget the captured blocks (their graphs hold the sampler's constants: call this
         when the sampler's potential or constants change)."""
@@ -443,7 +457,7 @@ class ChainDriver:
         self._single_times.clear()
         self._block_times.clear()
 
-    def _block(self, k: int) -> torch.Tensor | None:
+    def _block(self, k: int, unrolled: bool = True) -> torch.Tensor | None:
         """Run ``k`` steps as one captured graph; returns their positions ``(k, C, D)``, or
         ``None`` (generator rewound, nothing changed) when the block cannot be captured or a
         chain became non-finite in it."""
@@ -471,13 +485,12 @@ class ChainDriver:
                 self.generator.set_state(gen_state)
                 return None
         steps = [((algo.block_key(t0 + j), state_spec, spec), t0 + j) for j in range(k)]
-        block_key = (k,) + tuple(step[0][0] for step in steps) + (state_spec, spec)
+        block_key = (k, unrolled) + tuple(step[0][0] for step in steps) + (state_spec, spec)
         graph = self._blocks.get(block_key)
         if graph is None:
             try:
                 one = [self._step_graph(key, t) for key, t in steps]
-                graph = compile_steps(one, num_carry, inputs, self.capture,
-                                      unrolled=self.block_size != "auto")
+                graph = compile_steps(one, num_carry, inputs, self.capture, unrolled=unrolled)
             except CaptureError as e:
                 self._block_failure = e.reason
                 logger.info(f"{self.name}: block steps are off (capture is not possible: "

@@ -1061,6 +1061,12 @@ class Potential:
 
         return captured
 
+    def captured_graph(self, z: torch.Tensor, indices: dict[str, torch.Tensor] | None = None):
+        """The :class:`mcmc.capture.CapturedGraph` serving calls shaped like ``(z, indices)``,
+        or ``None`` (not captured, or not possible)."""
+        entry = self._captures.get(self._capture_key(z, indices))
+        return entry.graph if isinstance(entry, _CapturedPotential) else None
+
     def clear_captures(self) -> None:
         """Forget every captured graph. Graphs freeze the model's Python-level choices and
         constants (e.g. a ``poutine.scale`` factor): call this after changing them."""
