@@ -172,6 +172,10 @@ class _Rng:
         for d, s in zip(self.devices, self.cuda):
             torch.cuda.set_rng_state(s, d)
 
+    def __eq__(self, other) -> bool:
+        return torch.equal(self.cpu, other.cpu) and \
+            all(torch.equal(a, b) for a, b in zip(self.cuda, other.cuda))
+
 
 # ---------------------------------------------------------------------------------------------
 # Tracing
@@ -294,7 +298,8 @@ def simplify_graph(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """Value-preserving clean-up of a captured graph: no-op reshapes/expands, ``detach``,
     double negations, ``x ** 1.0`` and full-range row gathers ``x[arange(n)]`` (a plate
     without subsampling) are bypassed; dead code (random ops excepted) and profiler markers
-    are removed."""
+    are removed. Unused random draws become extra outputs after the graph's own (callers read
+    outputs by position from the front)."""
     graph = gm.graph
     for node in reversed(list(graph.nodes)):
         target = node.target
@@ -307,6 +312,15 @@ def simplify_graph(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
             if src is not None:
                 node.replace_all_uses_with(src)
     graph.eliminate_dead_code(is_impure_node=_is_impure)
+    # an unused draw must still run (it advances the generator): make it an extra, trailing
+    # output, which tracing backends (TorchScript) would otherwise prune
+    unused = [n for n in graph.nodes if n.op == "call_function" and not n.users
+              and _is_impure(n) and isinstance(n.target, torch._ops.OpOverload)
+              and torch.Tag.nondeterministic_seeded in n.target.tags
+              and isinstance(n.meta.get("val"), torch.Tensor)]
+    if unused:
+        out = next(n for n in graph.nodes if n.op == "output")
+        out.args = (tuple(out.args[0]) + tuple(unused),)
     graph.lint()
     gm.recompile()
     return gm
@@ -585,6 +599,7 @@ class ObjectiveCapture:
         t0 = time.perf_counter()
         with poutine.trace(param_only=True) as ptr, watching() as watch:
             result = eager()
+        rng_after = _Rng(devices)
         names = list(dict.fromkeys(n for n, s in ptr.trace.nodes.items() if s["type"] == "param"))
 
         # is the step capturable, and stable (no new parameters, same state layout)?
@@ -635,8 +650,8 @@ class ObjectiveCapture:
         try:
             graph = self._capture(mode, model, guide, args, kwargs, tensors, names, named,
                                   params, carriers, befores, rng, devices)
-            why = self._check(graph, mode, tensors, rng, devices, befores, ref_loss, ref_grads,
-                              afters)
+            why = self._check(graph, mode, tensors, (rng, rng_after), devices, befores, ref_loss,
+                              ref_grads, afters)
         except Exception as e:  # noqa: BLE001 (any failure to capture means: run eagerly)
             why = _reason(e)
         finally:
@@ -655,9 +670,9 @@ class ObjectiveCapture:
 
     @staticmethod
     def _diff_reference(loss, params):
-        if not isinstance(loss, torch.Tensor) or not loss.requires_grad:
-            return [None] * len(params)
         wanted = [p for p in params if p.requires_grad]
+        if not isinstance(loss, torch.Tensor) or not loss.requires_grad or not wanted:
+            return [None] * len(params)
         grads = iter(torch.autograd.grad(loss, wanted, retain_graph=True, allow_unused=True))
         return [next(grads) if p.requires_grad else None for p in params]
 
@@ -726,9 +741,11 @@ class ObjectiveCapture:
                      num_values=1 if mode == "loss" else 2,
                      refs=(_ref(model), _ref(guide)), num_ops=num_ops)
 
-    def _check(self, graph, mode, tensors, rng, devices, befores, ref_loss, ref_grads, afters):
+    def _check(self, graph, mode, tensors, rngs, devices, befores, ref_loss, ref_grads, afters):
         """Run the graph from the eager step's starting point; ``""`` if it reproduces the
-        eager step's loss, gradients and new state, else why not."""
+        eager step's loss, gradients, new state and use of the random generators, else why
+        not."""
+        rng, rng_after = rngs
         repeats = 3 if graph.backend == "script" else 1
         for _ in range(repeats):
             for c, st in zip(graph.carriers, befores):
@@ -738,6 +755,9 @@ class ObjectiveCapture:
                 rng.restore()
                 with torch.no_grad():
                     outs = graph.run(*graph.params, *states, *tensors)
+                if _Rng(devices) != rng_after:
+                    return ("the captured graph draws a different amount of random numbers "
+                            "than the eager step")
             values = outs[0].tolist()
             loss = -values[0] if mode in ("loss", "diff") else -values[1]
             if not _close(loss, ref_loss):
