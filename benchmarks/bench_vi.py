@@ -80,13 +80,14 @@ def elbo_vae_step(quick: bool):
         return step
 
     impls = {
-        "pyroforge": objective_step(vi.ELBO(max_plate_nesting=1)),
+        "pyroforge": objective_step(vi.ELBO(max_plate_nesting=1, capture=True)),  # captured
         "pyro_trace_elbo": objective_step(pyro.infer.Trace_ELBO(max_plate_nesting=1)),
         "torch_loop": torch_step,
     }
     if not quick:  # for information: the same through pyro.infer.SVI + pyro.optim
         impls["pyroforge_svi"] = svi_step(vi.ELBO(max_plate_nesting=1))
         impls["pyro_svi"] = svi_step(pyro.infer.Trace_ELBO(max_plate_nesting=1))
+        impls.update(pyroforge_vae_extra_rows(spec, guide, x, decoder, batch, objective_step))
     return impls
 
 
@@ -133,4 +134,42 @@ def iwelbo_mixture(quick: bool):
     return impls
 
 
-__all__ = ["elbo_vae_step", "iwelbo_mixture"]
+# ---------------------------------------------------------------------------------------------
+# pyroforge side of the ELBO-step benchmarks (issue 12, item 3: captured objectives and
+# vi_estimators.CapturedSVI). An SVI-step benchmark takes its pyroforge rows with
+# ``impls.update(pyroforge_svi_rows(model, guide, lr, make_loss, *args, **kwargs))``.
+# ---------------------------------------------------------------------------------------------
+
+
+def pyroforge_svi_rows(model, guide, lr: float, make_loss, *args, **kwargs) -> dict:
+    """One user ``svi.step`` per call, three ways (Adam with learning rate ``lr``):
+    ``pyroforge`` -- ``vi.CapturedSVI`` with ``make_loss(capture=True)`` (the objective's
+    captured graph, then the fused Adam update, captured too); ``pyroforge_pyro_svi`` --
+    ``pyro.infer.SVI`` with the same captured objective (Pyro's per-parameter Adam);
+    ``pyroforge_eager`` -- ``pyro.infer.SVI`` with ``make_loss(capture=False)``."""
+
+    def pyro_svi(loss):
+        svi = pyro.infer.SVI(model, guide, pyro.optim.Adam({"lr": lr}), loss)
+        return lambda: svi.step(*args, **kwargs)
+
+    captured = vi.CapturedSVI(model, guide, pyro.optim.Adam({"lr": lr}), make_loss(capture=True))
+    return {
+        "pyroforge": lambda: captured.step(*args, **kwargs),
+        "pyroforge_pyro_svi": pyro_svi(make_loss(capture=True)),
+        "pyroforge_eager": pyro_svi(make_loss(capture=False)),
+    }
+
+
+def pyroforge_vae_extra_rows(spec, guide, x, decoder, batch: int, objective_step) -> dict:
+    """For information in ``vi_elbo_vae_step`` (whose ``pyroforge`` row is the captured
+    ``loss_and_grads`` + the benchmark's torch Adam): the eager objective the same way, and
+    ``vi.CapturedSVI`` (fused Adam, update captured)."""
+    svi = vi.CapturedSVI(spec.model, guide, pyro.optim.Adam({"lr": 1e-3}),
+                         vi.ELBO(max_plate_nesting=1, capture=True))
+    return {
+        "pyroforge_eager": objective_step(vi.ELBO(max_plate_nesting=1)),
+        "pyroforge_captured_svi": lambda: svi.step(x, decoder=decoder, subsample_size=batch),
+    }
+
+
+__all__ = ["elbo_vae_step", "iwelbo_mixture", "pyroforge_svi_rows", "pyroforge_vae_extra_rows"]
