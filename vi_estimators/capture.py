@@ -62,6 +62,7 @@ per step on CPU, but tens of seconds of compilation per key: for long runs).
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import time
@@ -70,7 +71,7 @@ import warnings
 import weakref
 from collections.abc import Callable
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pyro
 import torch
@@ -382,11 +383,9 @@ class Graph:
     params: list[torch.Tensor]  # the distinct ones: the parameter inputs
     grad_params: list[torch.Tensor]  # the parameters with a gradient output, in output order
     carriers: list[_Carrier]
-    num_values: int
-    refs: tuple  # weak references to model and guide (their ids are in the key)
+    refs: tuple  # model and guide, weakly (their ids are in the key)
     num_ops: int = 0
     setup_s: float = 0.0
-    extra: dict = field(default_factory=dict)
 
     def state_inputs(self) -> list[torch.Tensor] | None:
         out = []
@@ -410,6 +409,31 @@ def _ref(x):
         return weakref.ref(x)
     except TypeError:
         return lambda x=x: x
+
+
+def _callable_key(f) -> tuple:
+    """A model's or guide's part of the key: a bound method (a new object at every attribute
+    access) by its instance and function."""
+    if inspect.ismethod(f):
+        return (id(f.__self__), id(f.__func__))
+    return (id(f),)
+
+
+class _CallableRef:
+    """A weak reference to a model or guide that survives bound methods' re-creation."""
+
+    __slots__ = ("func", "obj")
+
+    def __init__(self, f):
+        if inspect.ismethod(f):
+            self.obj, self.func = _ref(f.__self__), f.__func__
+        else:
+            self.obj, self.func = _ref(f), None
+
+    def matches(self, f) -> bool:
+        if self.func is None:
+            return self.obj() is f
+        return inspect.ismethod(f) and self.obj() is f.__self__ and self.func is f.__func__
 
 
 def _current_params(names: list[str]) -> list[torch.Tensor | None]:
@@ -473,6 +497,11 @@ class ObjectiveCapture:
         return f"ObjectiveCapture({self.name}, backend={self.backend!r}, " \
                f"{len(self.graphs)} key(s))"
 
+    def __getstate__(self):  # copies and pickles start without graphs (they set up again)
+        state = dict(self.__dict__)
+        state["graphs"], state["setups"] = {}, {}
+        return state
+
     # -- the three entry points -----------------------------------------------------------
     def loss_and_grads(self, model, guide, args, kwargs, eager: Callable) -> float:
         graph, key, tensors = self._lookup("grads", model, guide, args, kwargs)
@@ -529,21 +558,19 @@ class ObjectiveCapture:
         if outs is None:
             return self._setup(key, "diff", model, guide, args, kwargs, tensors, eager)
         surrogate = outs[0][0]
-        self.finish(float(surrogate), 0.0)
+        self.finish(float(surrogate), -float(surrogate))
         g = len(graph.grad_params)
         graph.write_state(outs[1 + g:])
         self._emit_params(graph)
-        if not torch.is_grad_enabled():
-            return -surrogate
         return _Precomputed.apply(-surrogate, tuple(outs[1:1 + g]), *graph.grad_params)
 
     # -- hit path ------------------------------------------------------------------------
     def _lookup(self, mode, model, guide, args, kwargs):
         tensors, arg_key = _flatten_args(args, kwargs)
-        key = (mode, id(model), id(guide), arg_key)
+        key = (mode, _callable_key(model), _callable_key(guide), arg_key)
         entry = self.graphs.get(key)
-        if isinstance(entry, Graph) and (entry.refs[0]() is not model
-                                         or entry.refs[1]() is not guide):
+        if isinstance(entry, Graph) and not (entry.refs[0].matches(model)
+                                             and entry.refs[1].matches(guide)):
             del self.graphs[key]  # a new object reused an id
             entry = None
         return entry, key, tensors
@@ -738,8 +765,7 @@ class ObjectiveCapture:
             run, backend = _compile(gm, flat, self.backend, self.name)
         return Graph(run=run, backend=backend, names=names, named=named, params=params,
                      grad_params=[wanted[i] for i in grad_slots], carriers=carriers,
-                     num_values=1 if mode == "loss" else 2,
-                     refs=(_ref(model), _ref(guide)), num_ops=num_ops)
+                     refs=(_CallableRef(model), _CallableRef(guide)), num_ops=num_ops)
 
     def _check(self, graph, mode, tensors, rngs, devices, befores, ref_loss, ref_grads, afters):
         """Run the graph from the eager step's starting point; ``""`` if it reproduces the

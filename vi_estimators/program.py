@@ -315,7 +315,7 @@ class Objective(_PyroELBO):
         return s, e
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
-        if self.captured is not None:
+        if self.captured is not None and torch.is_grad_enabled():
             return self.captured.differentiable_loss(
                 model, guide, args, kwargs,
                 lambda: self._eager_differentiable_loss(model, guide, args, kwargs))
@@ -329,7 +329,7 @@ class Objective(_PyroELBO):
         return self._eager_loss(model, guide, args, kwargs)
 
     def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
-        if self.captured is not None:
+        if self.captured is not None and torch.is_grad_enabled():
             return self.captured.loss_and_grads(
                 model, guide, args, kwargs,
                 lambda: self._eager_loss_and_grads(model, guide, args, kwargs))
