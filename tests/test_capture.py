@@ -80,6 +80,14 @@ def iwae_program(model, guide, *args, **kwargs):
     return vi.logmeanexp(log_p - log_q)
 
 
+def _learned():
+    """A learned baseline b(x) (its Linear is registered with pyro.module and trained)."""
+    net = nn.Linear(len(DATA), 1)
+    nn.init.zeros_(net.weight)
+    nn.init.zeros_(net.bias)
+    return vi.Learned(net)
+
+
 H = torch.tensor(1.5)
 CASES = {
     "ELBO": (normal_model, normal_guide, (DATA,), lambda c: vi.ELBO(capture=c)),
@@ -104,6 +112,9 @@ CASES = {
                    lambda c: vi.CUBO(num_particles=4, max_plate_nesting=1, capture=c)),
     "ELBO Reinforce MovingAverage": (mixture_model, mixture_guide, (DATA,),
                                      lambda c: vi.ELBO(max_plate_nesting=1, capture=c)),
+    "ELBO Reinforce Learned": (mixture_model, mixture_guide, (DATA,),
+                               lambda c: vi.ELBO(max_plate_nesting=1, capture=c,
+                                                 estimator={"c": vi.Reinforce(_learned())})),
     "ELBO graph": (mixture_model, mixture_guide, (DATA,),
                    lambda c: vi.ELBO(max_plate_nesting=1, rao_blackwellize="graph", capture=c)),
     "ELBO Enumerate": (mixture_model, mixture_guide, (DATA,),

@@ -449,12 +449,12 @@ def _close(a, b) -> bool:
             return False
         if a.is_floating_point() or b.is_floating_point():
             a, b = a.double(), b.double()
-            both_nan = torch.isnan(a) & torch.isnan(b)
-            diff = torch.where(both_nan, 0.0, (a - b).abs())
-            scale = max(1.0, float(b.abs().nan_to_num(0.0).max())) if b.numel() else 1.0
-            return bool((diff <= 1e-5 * scale).all())
+            same = (a == b) | (torch.isnan(a) & torch.isnan(b))
+            diff = torch.where(same, 0.0, (a - b).abs())
+            scale = float(b.abs().nan_to_num(0.0, 0.0, 0.0).max()) if b.numel() else 0.0
+            return bool((diff <= 1e-5 * max(1.0, scale)).all())
         return bool(torch.equal(a, b))
-    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+    if a == b or (math.isnan(a) and math.isnan(b)):
         return True
     return abs(a - b) <= 1e-5 * max(1.0, abs(b))
 
