@@ -14,9 +14,9 @@ import torch
 from pyro.ops.stats import effective_sample_size
 
 import models
-from models.metrics import mean_error
 from mcmc.sgld import CVSGLD, SGLD
 from models.device import resolve_device
+from models.metrics import mean_error
 
 from . import peers
 from .harness import AccuracyGate, Target, benchmark
