@@ -138,7 +138,7 @@ def elbo_logistic_step(quick: bool):
         loss = -(prior.log_prob(w).sum() + log_lik - q.log_prob(w).sum())
         loss.backward()
         opt.step()
-        return {"loss": float(loss)}
+        return {"loss": float(loss.detach())}
 
     impls = pyroforge_svi_rows(spec.model, guide, lr,
                                lambda capture: vi.ELBO(max_plate_nesting=1, capture=capture),
