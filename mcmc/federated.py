@@ -34,7 +34,7 @@ scaling, :mod:`mcmc.potential`).
 How ``q_s`` is fitted (once per shard, on the shard; only its parameters are shared)
 --------------------------------------------------------------------------------------
 Laplace-type second-order expansion of the shard log-likelihood: the shard's local posterior
-``U_s`` is minimised with L-BFGS (:func:`mcmc.sgld.find_mode`; it exists even when the
+``U_s`` is minimised with L-BFGS (:func:`mcmc.laplace.find_mode`; it exists even when the
 likelihood alone is flat in some direction), and ``L_s(z) = p_s (U_s(z) - U_prior(z))`` (the
 shard's negative log-likelihood, Jacobian terms cancel) is expanded to second order there:
 ``U_qs(z) = g_s^T (z - m_s) + (z - m_s)^T Lambda_s (z - m_s) / 2`` with ``g_s``, ``Lambda_s`` the
@@ -64,9 +64,10 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 
 from .chains import ChainDriver, StepRandomness, check_run_lengths
+from .laplace import find_mode
 from .potential import Potential, check_finite
 from .schedules import as_schedule
-from .sgld import find_mode, sgld_step
+from .sgld import sgld_step
 
 __all__ = [
     "ChainPacket",
