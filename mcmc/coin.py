@@ -51,10 +51,13 @@ multi-site particle grouping bug — see :class:`mcmc.coin_svgd.CoinSVGD`, which
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "AffinePotential",
@@ -273,6 +276,21 @@ def _make_optimizer(optim, params: list[torch.Tensor]) -> torch.optim.Optimizer:
     raise TypeError(f"optim must be None, a PyroOptim or a callable, got {type(optim).__name__}")
 
 
+def _moment_whitening(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mean, L)`` with ``L L^T`` the particles' covariance (diagonal when ``N < 2 D``)."""
+    n, d = z.shape
+    loc = z.mean(0)
+    cov = torch.cov(z.T).reshape(d, d)
+    if n < 2 * d:
+        cov = torch.diag(cov.diagonal())
+    jitter = 1e-12 * float(cov.diagonal().mean()) + torch.finfo(z.dtype).tiny
+    eye = torch.eye(d, dtype=z.dtype, device=z.device)
+    tril, info = torch.linalg.cholesky_ex(cov + jitter * eye)
+    if int(info) != 0 or not bool(torch.isfinite(tril).all()):
+        tril = torch.diag(cov.diagonal().clamp_min(jitter).sqrt())
+    return loc, tril
+
+
 class ParticleSampler:
     """Base class: particles ``(N, D)`` in unconstrained space moved by an optimizer.
 
@@ -290,17 +308,18 @@ class ParticleSampler:
             first finds the posterior mode ``m`` (L-BFGS) and the Hessian ``H`` there
             (:func:`mcmc.laplace.laplace_approximation`) and moves *whitened* particles
             ``y = L^{-1} (z - m)``, ``L L^T = H^{-1}`` (see "Preconditioning" below); the
-            particles start at Laplace draws ``y ~ N(0, I)`` unless ``init_strategy`` or
-            ``initial_particles`` say otherwise. ``None``: the particles are the model's
-            unconstrained coordinates, started from ``init_strategy`` (the paper's setting).
+            particles start at Laplace draws ``y ~ N(0, I)`` unless ``initial_particles`` are
+            given. ``None``: the particles are the model's unconstrained coordinates, started
+            from ``init_strategy`` (the paper's setting).
         warmup_steps: with ``precondition="laplace"``, the whitening is re-estimated from the
             particles' mean and covariance (diagonal when ``N < 2 D``) at iterations
             ``warmup_steps // 4``, ``warmup_steps // 2`` and ``warmup_steps``, and the
             optimizer (coin-betting) state restarts there; fixed afterwards. ``0``: keep the
             Laplace whitening throughout.
-        init_strategy: Pyro init strategy for the initial particles (default: Laplace draws with
-            ``precondition="laplace"``, ``init_to_sample`` (prior draws, as Pyro's SVGD)
-            without; ``init_to_value`` for models with flat ``ImproperUniform`` priors).
+        init_strategy: Pyro init strategy: with ``precondition="laplace"`` the start of the mode
+            search (default: the prior median); without, the initial particles (default
+            ``init_to_sample``: prior draws, as Pyro's SVGD). ``init_to_value`` for models with
+            flat ``ImproperUniform`` priors.
         vectorize: how the particles are evaluated (:class:`mcmc.potential.Potential`: a particle
             plate when the model broadcasts, else ``torch.func.vmap``, else a loop).
         initial_particles: ``(N, D)`` unconstrained tensor, or ``{site: (N, *shape)}``
@@ -338,7 +357,9 @@ class ParticleSampler:
     (Restarts are only done in whitened coordinates: a fresh bettor's first step is ``+-1/2`` per
     coordinate, which is ~half a posterior sd there but can be many sds in the model's own
     coordinates.) A multimodal posterior is not helped by one Laplace approximation: use
-    ``precondition=None`` with an ``init_strategy`` that covers the modes.
+    ``precondition=None`` with an ``init_strategy`` that covers the modes. When there is no
+    usable mode (the mode search diverges, e.g. in a funnel) the first whitening is the initial
+    particles' own mean and covariance (prior draws by default), logged as a warning.
 
     Diagnostics
     -----------
@@ -444,7 +465,7 @@ class ParticleSampler:
         init = self._initial
         z = None
         if init is None:
-            if self.precondition is None or self.init_strategy is not None:
+            if self.precondition is None:
                 if not hasattr(pot, "initial_params"):
                     raise ValueError("initial_particles is required for a potential without "
                                      "initial_params (e.g. FunctionPotential)")
@@ -460,8 +481,21 @@ class ParticleSampler:
             raise ValueError(f"initial particles must have shape ({self.num_particles}, "
                              f"{pot.dim}), got {tuple(z.shape)}")
         if self.precondition == "laplace":
-            self.laplace = self._laplace(pot, z)
-            self.loc, self.scale_tril = self.laplace.mode, self.laplace.scale_tril
+            try:
+                self.laplace = self._laplace(pot, z)
+            except FloatingPointError as e:
+                # no usable mode (e.g. a funnel): whiten with the particles' own moments instead
+                # (the warm-up re-fits continue from there)
+                if z is None:
+                    from pyro.infer.autoguide.initialization import init_to_sample
+
+                    z = pot.initial_params(self.num_particles,
+                                           self.init_strategy or init_to_sample)
+                logger.warning("%s: %s; whitening with the initial particles' mean and "
+                               "covariance instead", type(self).__name__, e)
+                self.loc, self.scale_tril = _moment_whitening(z)
+            else:
+                self.loc, self.scale_tril = self.laplace.mode, self.laplace.scale_tril
             if z is None:  # Laplace draws
                 y = torch.randn(self.num_particles, pot.dim, dtype=self.loc.dtype,
                                 device=self.loc.device)
@@ -479,23 +513,13 @@ class ParticleSampler:
     def _rewhiten(self) -> None:
         """Re-fit the affine map to the particles and restart the bettor (warm-up)."""
         z = self.get_particles()
-        n, d = z.shape
-        loc = z.mean(0)
-        cov = torch.cov(z.T).reshape(d, d)
-        if n < 2 * d:
-            cov = torch.diag(cov.diagonal())
-        jitter = 1e-12 * float(cov.diagonal().mean()) + torch.finfo(z.dtype).tiny
-        eye = torch.eye(d, dtype=z.dtype, device=z.device)
-        tril, info = torch.linalg.cholesky_ex(cov + jitter * eye)
-        if int(info) != 0 or not bool(torch.isfinite(tril).all()):
-            tril = torch.diag(cov.diagonal().clamp_min(jitter).sqrt())
-        self.loc, self.scale_tril = loc, tril
-        y = torch.linalg.solve_triangular(tril, (z - loc).T, upper=False).T
+        self.loc, self.scale_tril = _moment_whitening(z)
+        y = torch.linalg.solve_triangular(self.scale_tril, (z - self.loc).T, upper=False).T
         self._set_particles(y)
 
     def _laplace(self, pot, z):
-        """Laplace approximation; the mode search starts at the prior median (Pyro models) or
-        at the mean of the given initial particles."""
+        """Laplace approximation; the mode search starts at the mean of the given initial
+        particles, else (Pyro models) at a point of ``init_strategy`` or the prior median."""
         from .laplace import laplace_approximation
 
         if z is not None:
@@ -503,16 +527,11 @@ class ParticleSampler:
         elif hasattr(pot, "initial_params"):
             from pyro.infer.autoguide.initialization import init_to_median
 
-            start = pot.initial_params(1, init_to_median)
+            start = pot.initial_params(1, self.init_strategy or init_to_median)
         else:
             raise ValueError("initial_particles is required for a potential without "
                              "initial_params (e.g. FunctionPotential)")
-        try:
-            return laplace_approximation(pot, start)
-        except FloatingPointError as e:
-            raise FloatingPointError(
-                f"{type(self).__name__}: {e}; pass precondition=None (and an init_strategy or "
-                "initial_particles) to sample without the Laplace preconditioner") from None
+        return laplace_approximation(pot, start)
 
     def _target(self, pot):
         """The potential the particles move in: ``pot`` itself or its whitened version."""

@@ -89,7 +89,8 @@ def find_mode(
     (strong-Wolfe line search, at most ``num_steps`` iterations).
 
     Returns the mode ``(1, D)`` (detached). A potential that does not depend on ``z`` (zero
-    gradient) returns ``z0``.
+    gradient) returns ``z0``. Raises ``FloatingPointError`` when the search diverges (a
+    non-finite point or potential; e.g. a funnel, which has no mode).
     """
     z = _as_point(z0).clone().requires_grad_(True)
     opt = torch.optim.LBFGS(
@@ -103,6 +104,8 @@ def find_mode(
 
     def closure():
         opt.zero_grad()
+        if not bool(torch.isfinite(z).all()):
+            raise FloatingPointError("the mode search diverged (non-finite point)")
         u = potential(z).sum()
         if u.requires_grad:
             u.backward()
