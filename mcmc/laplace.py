@@ -114,7 +114,10 @@ def find_mode(
         return u
 
     opt.step(closure)
-    return z.detach()
+    z = z.detach()
+    if not bool(torch.isfinite(z).all()) or not bool(torch.isfinite(potential(z)).all()):
+        raise FloatingPointError("the mode search diverged (non-finite point or potential)")
+    return z
 
 
 def hessian_vector_product(potential, z: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
