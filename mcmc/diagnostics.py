@@ -672,12 +672,15 @@ def stuck_particles(particles: Any, threshold: float = STUCK_THRESHOLD) -> np.nd
     x = np.asarray(_numpy(particles), dtype=np.float64)
     if x.ndim != 2:
         raise ValueError(f"particles must have shape (N, D), got {x.shape}")
-    med = np.median(x, axis=0)
+    bad = ~np.isfinite(x).all(axis=1)  # NaN/inf particles count as stuck
+    if bad.all():
+        return bad
+    med = np.median(x[~bad], axis=0)
     dev = np.abs(x - med)
-    scale = 1.4826 * np.median(dev, axis=0)
+    scale = 1.4826 * np.median(dev[~bad], axis=0)
     with np.errstate(divide="ignore", invalid="ignore"):
         z = np.where(scale > 0, dev / scale, np.where(dev > 0, np.inf, 0.0))
-    return ~(z.max(axis=1) <= threshold)  # NaN particles count as stuck
+    return bad | ~(z.max(axis=1) <= threshold)
 
 
 def check_chains(

@@ -363,7 +363,10 @@ def whitened_ksd(
     four posteriors (a Poisson GLM, a near-collinear regression, AR(5), eight schools) with
     20 subsets of n = 50-200 NUTS draws each: KSD / level 0.97-1.05 (median), at most 1.25.
     Particles stranded far from the posterior have scores far larger than their own spread
-    explains, hence KSD / level in the hundreds or more, even when they all moved together.
+    explains, hence KSD / level in the hundreds or more, even when they all moved together; a
+    shifted or over-dispersed set is above the level too. Blind spot: whitening by the set's own
+    covariance hides a set *shrunk* towards its centre (its scores are then smaller than an
+    exact sample's): 0.3x the posterior's spread gives only ~1.3x the level.
     """
     x = _check_particles(x).detach()
     n, d = x.shape
