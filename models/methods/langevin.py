@@ -24,7 +24,10 @@ import time
 from .base import FitConfig, FitResult, Method, Option, chains_result, continuous_latents_only
 
 STEP_SIZE = Option("step_size", float, None, "Langevin step size", low=0.0, low_open=True,
-                   default_text="chosen from the model (see the method's docs)")
+                   default_text="min(0.1 / lambda_max, 0.5 / (lambda_max + V)) at the mode, "
+                                "lambda_max = 1 with the Laplace preconditioner")
+MODE_STEP_SIZE = Option("step_size", float, None, "Langevin step size", low=0.0, low_open=True,
+                        default_text="0.1 / lambda_max at the mode")
 PRECONDITION = Option("precondition", str, "auto",
                       "Laplace preconditioner at the mode ('none': the model's coordinates)",
                       choices=("auto", "laplace", "none"))
@@ -138,7 +141,7 @@ def _federated_method(name: str, method: str, description: str) -> Method:
                                                  "num_shards": len(spec.shards)})
 
     return Method(name, "mcmc", description, fit, _federated_applies,
-                  (STEP_SIZE, num_chains_option(4), SUBSAMPLE_SIZE,
+                  (MODE_STEP_SIZE, num_chains_option(4), SUBSAMPLE_SIZE,
                    Option("tau", int, 10, "local steps per shard visit", low=1)),
                   ("num_samples", "warmup_steps"))
 
@@ -191,7 +194,7 @@ def _proximal_method(name: str, method: str, description: str) -> Method:
         return chains_result(name, spec, draws, wall,
                              ess_defined=True, info={"step_size": step, "num_chains": num_chains})
 
-    options = (STEP_SIZE, num_chains_option(8))
+    options = (MODE_STEP_SIZE, num_chains_option(8))
     if method == "bmumla":
         options += (Option("beta", float, 0.1, "hypentropy mirror-map parameter", low=0.0,
                            low_open=True),)
