@@ -74,7 +74,11 @@ class CoinSVGD(ParticleSampler):
         optim: ``None`` for coin betting; a ``pyro.optim.PyroOptim`` or ``params -> Optimizer``
             for ordinary (learning-rate) SVGD on the same code path.
         chunk_size: rows per kernel block (memory ``O(chunk_size * N)``).
-        init_strategy, initial_particles, vectorize: see :class:`mcmc.coin.ParticleSampler`.
+        init_strategy, initial_particles, vectorize, precondition, warmup_steps: see
+            :class:`mcmc.coin.ParticleSampler` (default: Laplace-whitened particles started at
+            Laplace draws, the whitening re-fitted to the particles during 200 warm-up steps;
+            ``precondition=None`` with ``RBFKernel(median_rule="liu_wang")`` is the paper's
+            setting).
 
     Example::
 
@@ -97,6 +101,8 @@ class CoinSVGD(ParticleSampler):
         init_strategy=None,
         initial_particles=None,
         vectorize: str = "auto",
+        precondition: str | None = "laplace",
+        warmup_steps: int = 200,
     ) -> None:
         super().__init__(
             model,
@@ -106,6 +112,8 @@ class CoinSVGD(ParticleSampler):
             init_strategy=init_strategy,
             initial_particles=initial_particles,
             vectorize=vectorize,
+            precondition=precondition,
+            warmup_steps=warmup_steps,
         )
         kernel = RBFKernel() if kernel is None else kernel
         if isinstance(kernel, SteinKernel):
