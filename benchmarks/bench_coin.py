@@ -28,16 +28,17 @@ def coin_svgd_step(quick: bool):
     """One step of 100-particle SVGD on logistic_regression (31 weights, 455 rows).
 
     ``pyroforge_coin_svgd``: :class:`mcmc.coin_svgd.CoinSVGD` with its defaults (RBF median
-    kernel, coin betting, particle-major packing; the model broadcasts, so the particles are
-    evaluated in one model run under a particle plate; the potential's value and gradient run as
-    a captured TorchScript graph, ``capture="auto"``). ``pyroforge_coin_svgd_eager``: the same
-    with ``capture="off"`` (the Pyro model run every step). ``pyroforge_coin_svgd_inductor``:
-    ``capture="inductor"`` (opt-in; its compilation is the first call). ``pyroforge_coin_svgd_vmap``
-    / ``pyroforge_coin_svgd_loop``: ``vectorize="vmap"`` / ``"loop"``, the fallback paths taken
-    for models that do not broadcast (their cost, for comparison; captured too). ``pyro_svgd_adam``: ``pyro.infer.SVGD`` with
-    ``RBFSteinKernel`` and Adam. ``pyro_svgd_coinbetting``: Pyro's SVGD with
-    ``PyroOptim(CoinBetting, {})`` (isolates the optimizer's cost: Adam vs coin betting inside the
-    same Pyro step). ``numpyro_steinvi_svgd``: NumPyro's ``contrib.einstein.SVGD`` (``RBFKernel``,
+    kernel, coin betting, Laplace-whitened particles, particle-major packing; the model
+    broadcasts, so the particles are evaluated in one model run under a particle plate; the
+    potential's value and gradient run as a captured TorchScript graph, ``capture="auto"``,
+    under the whitening map). ``pyroforge_coin_svgd_eager``: the same with ``capture="off"``
+    (the Pyro model run every step). ``pyroforge_coin_svgd_inductor``: ``capture="inductor"``
+    (opt-in; its compilation is the first call). ``pyroforge_coin_svgd_vmap`` /
+    ``pyroforge_coin_svgd_loop``: ``vectorize="vmap"`` / ``"loop"``, the fallback paths taken
+    for models that do not broadcast (their cost, for comparison; captured too).
+    ``pyro_svgd_adam``: ``pyro.infer.SVGD`` with ``RBFSteinKernel`` and Adam.
+    ``pyro_svgd_coinbetting``: Pyro's SVGD with ``PyroOptim(CoinBetting, {})`` (isolates the
+    optimizer's cost: Adam vs coin betting inside the same Pyro step). ``numpyro_steinvi_svgd``: NumPyro's ``contrib.einstein.SVGD`` (``RBFKernel``,
     median bandwidth; Adam), one jitted ``update`` per call, on the CPU whatever the torch
     device."""
     device = resolve_device("auto")

@@ -31,7 +31,7 @@ def _vae_parts(device="cpu"):
 )
 def elbo_vae_step(quick: bool):
     """One ELBO step (loss, gradients, torch Adam) on vae_digits, batch 256 of 1438:
-    vi_estimators.ELBO.loss_and_grads vs Pyro's Trace_ELBO and JitTrace_ELBO .loss_and_grads vs
+    vi_estimators.ELBO(capture=True).loss_and_grads (the captured objective) vs Pyro's Trace_ELBO and JitTrace_ELBO .loss_and_grads vs
     the same loss written by hand in torch (full mode also times both through pyro.infer.SVI +
     pyro.optim)."""
     batch = 256
@@ -84,7 +84,7 @@ def elbo_vae_step(quick: bool):
         return step
 
     impls = {
-        "pyroforge": objective_step(vi.ELBO(max_plate_nesting=1)),
+        "pyroforge": objective_step(vi.ELBO(max_plate_nesting=1, capture=True)),  # captured
         "pyro_trace_elbo": objective_step(pyro.infer.Trace_ELBO(max_plate_nesting=1)),
         "pyro_jit_trace_elbo": objective_step(pyro.infer.JitTrace_ELBO(
             max_plate_nesting=1, ignore_jit_warnings=True)),
@@ -93,6 +93,7 @@ def elbo_vae_step(quick: bool):
     if not quick:  # for information: the same through pyro.infer.SVI + pyro.optim
         impls["pyroforge_svi"] = svi_step(vi.ELBO(max_plate_nesting=1))
         impls["pyro_svi"] = svi_step(pyro.infer.Trace_ELBO(max_plate_nesting=1))
+        impls.update(pyroforge_vae_extra_rows(spec, guide, x, decoder, batch, objective_step))
     return impls
 
 
@@ -105,8 +106,10 @@ def elbo_vae_step(quick: bool):
 def elbo_logistic_step(quick: bool):
     """One SVI step (one-particle ELBO, gradients, Adam lr 0.01) with an AutoNormal guide on
     logistic_regression (breast cancer, 455 rows, 31 weights), every call a user's ``svi.step``:
-    ``pyroforge`` is ``pyro.infer.SVI(..., loss=vi_estimators.ELBO())``, then the same with
-    Pyro's ``Trace_ELBO`` and ``JitTrace_ELBO``; ``torch_loop`` is the mean-field Gaussian ELBO
+    ``pyroforge`` is ``vi_estimators.CapturedSVI`` with ``ELBO(capture=True)`` (captured objective
+    and fused Adam update), ``pyroforge_pyro_svi`` the same objective in ``pyro.infer.SVI``,
+    ``pyroforge_eager`` the uncaptured objective in ``pyro.infer.SVI``; then Pyro's
+    ``Trace_ELBO`` and ``JitTrace_ELBO``; ``torch_loop`` is the mean-field Gaussian ELBO
     written by hand (torch Adam); ``numpyro_svi`` is NumPyro's SVI with its AutoNormal and a
     jitted ``svi.update``. The Pyro implementations share one guide (one set of parameters)."""
     spec = models.get("logistic_regression", with_reference=False)
@@ -135,15 +138,17 @@ def elbo_logistic_step(quick: bool):
         loss = -(prior.log_prob(w).sum() + log_lik - q.log_prob(w).sum())
         loss.backward()
         opt.step()
-        return {"loss": float(loss)}
+        return {"loss": float(loss.detach())}
 
-    impls = {
-        "pyroforge": svi_step(vi.ELBO(max_plate_nesting=1)),
+    impls = pyroforge_svi_rows(spec.model, guide, lr,
+                               lambda capture: vi.ELBO(max_plate_nesting=1, capture=capture),
+                               *spec.args, **spec.kwargs)
+    impls.update({
         "pyro_trace_elbo": svi_step(pyro.infer.Trace_ELBO(max_plate_nesting=1)),
         "pyro_jit_trace_elbo": svi_step(pyro.infer.JitTrace_ELBO(max_plate_nesting=1,
                                                                  ignore_jit_warnings=True)),
         "torch_loop": torch_step,
-    }
+    })
     impls.update(peers.numpyro_svi_autonormal(X, y, prior_scale, lr=lr))
     return impls
 
@@ -157,7 +162,8 @@ def elbo_logistic_step(quick: bool):
 def iwelbo_logistic_step(quick: bool):
     """One SVI step of the IWELBO, K = 8 vectorised particles, all sites reparameterised: the
     AutoNormal guide on logistic_regression (as ``vi_elbo_logistic_step``, Adam lr 0.01).
-    ``pyroforge`` is ``SVI(..., loss=vi_estimators.IWELBO(num_particles=8))``; ``pyro_renyi``
+    ``pyroforge`` is ``vi_estimators.CapturedSVI`` with ``IWELBO(num_particles=8, capture=True)``
+    (``pyroforge_pyro_svi``: in ``pyro.infer.SVI``; ``pyroforge_eager``: uncaptured); ``pyro_renyi``
     Pyro's ``RenyiELBO(alpha=0, num_particles=8, vectorize_particles=True)``; ``numpyro_renyi``
     NumPyro's SVI with ``RenyiELBO(alpha=0, num_particles=8)``, jitted. The same work in all
     three (unlike ``vi_iwelbo_reinforce_mixture``, where NumPyro skips the score-function
@@ -173,12 +179,13 @@ def iwelbo_logistic_step(quick: bool):
         svi = pyro.infer.SVI(spec.model, guide, pyro.optim.Adam({"lr": lr}), loss)
         return lambda: svi.step(*spec.args, **spec.kwargs)
 
-    impls = {
-        "pyroforge": svi_step(vi.IWELBO(num_particles=k, max_plate_nesting=1)),
-        "pyro_renyi": svi_step(pyro.infer.RenyiELBO(alpha=0, num_particles=k,
-                                                    vectorize_particles=True,
-                                                    max_plate_nesting=1)),
-    }
+    impls = pyroforge_svi_rows(
+        spec.model, guide, lr,
+        lambda capture: vi.IWELBO(num_particles=k, max_plate_nesting=1, capture=capture),
+        *spec.args, **spec.kwargs)
+    impls["pyro_renyi"] = svi_step(pyro.infer.RenyiELBO(alpha=0, num_particles=k,
+                                                        vectorize_particles=True,
+                                                        max_plate_nesting=1))
     impls.update(peers.numpyro_svi_iwelbo(X, y, spec.kwargs["prior_scale"], num_particles=k,
                                           lr=lr))
     return impls
@@ -232,4 +239,43 @@ def iwelbo_mixture(quick: bool):
     return impls
 
 
-__all__ = ["elbo_logistic_step", "elbo_vae_step", "iwelbo_logistic_step", "iwelbo_mixture"]
+# ---------------------------------------------------------------------------------------------
+# pyroforge side of the ELBO-step benchmarks (issue 12, item 3: captured objectives and
+# vi_estimators.CapturedSVI). An SVI-step benchmark takes its pyroforge rows with
+# ``impls.update(pyroforge_svi_rows(model, guide, lr, make_loss, *args, **kwargs))``.
+# ---------------------------------------------------------------------------------------------
+
+
+def pyroforge_svi_rows(model, guide, lr: float, make_loss, *args, **kwargs) -> dict:
+    """One user ``svi.step`` per call, three ways (Adam with learning rate ``lr``):
+    ``pyroforge`` -- ``vi.CapturedSVI`` with ``make_loss(capture=True)`` (the objective's
+    captured graph, then the fused Adam update, captured too); ``pyroforge_pyro_svi`` --
+    ``pyro.infer.SVI`` with the same captured objective (Pyro's per-parameter Adam);
+    ``pyroforge_eager`` -- ``pyro.infer.SVI`` with ``make_loss(capture=False)``."""
+
+    def pyro_svi(loss):
+        svi = pyro.infer.SVI(model, guide, pyro.optim.Adam({"lr": lr}), loss)
+        return lambda: svi.step(*args, **kwargs)
+
+    captured = vi.CapturedSVI(model, guide, pyro.optim.Adam({"lr": lr}), make_loss(capture=True))
+    return {
+        "pyroforge": lambda: captured.step(*args, **kwargs),
+        "pyroforge_pyro_svi": pyro_svi(make_loss(capture=True)),
+        "pyroforge_eager": pyro_svi(make_loss(capture=False)),
+    }
+
+
+def pyroforge_vae_extra_rows(spec, guide, x, decoder, batch: int, objective_step) -> dict:
+    """For information in ``vi_elbo_vae_step`` (whose ``pyroforge`` row is the captured
+    ``loss_and_grads`` + the benchmark's torch Adam): the eager objective the same way, and
+    ``vi.CapturedSVI`` (fused Adam, update captured)."""
+    svi = vi.CapturedSVI(spec.model, guide, pyro.optim.Adam({"lr": 1e-3}),
+                         vi.ELBO(max_plate_nesting=1, capture=True))
+    return {
+        "pyroforge_eager": objective_step(vi.ELBO(max_plate_nesting=1)),
+        "pyroforge_captured_svi": lambda: svi.step(x, decoder=decoder, subsample_size=batch),
+    }
+
+
+__all__ = ["elbo_logistic_step", "elbo_vae_step", "iwelbo_logistic_step", "iwelbo_mixture",
+           "pyroforge_svi_rows", "pyroforge_vae_extra_rows"]

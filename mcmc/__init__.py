@@ -4,6 +4,7 @@
   plate, ``torch.func.vmap`` or a loop; minibatches the Pyro way);
 * one chain driver: :class:`ChainDriver` / :class:`LangevinKernel` (warm-up, thinning,
   progress bar, NaN checks, checkpoints);
+* mode, curvature, Laplace approximation and default step sizes: :mod:`mcmc.laplace`;
 * samplers: SGLD family, federated SGLD, Bregman proximal Langevin, coin sampling;
 * their building blocks: step functions, schedules, proximal terms, mirror maps, Stein kernels.
 
@@ -25,6 +26,18 @@ from mcmc.coin_msvgd import CoinMSVGD
 from mcmc.coin_svgd import CoinSVGD
 from mcmc.federated import FederatedSGLD, ShardApproximation, fit_shard_approximation
 from mcmc.kernels import IMQKernel, RBFKernel, kernel_stein_discrepancy, ksd
+from mcmc.laplace import (
+    Laplace,
+    default_step_size,
+    find_mode,
+    gradient_noise,
+    hessian,
+    hessian_diagonal,
+    hessian_vector_product,
+    laplace_approximation,
+    largest_eigenvalue,
+    minibatch_gradients,
+)
 from mcmc.mirror import (
     BoltzmannShannon,
     Burg,
@@ -47,7 +60,7 @@ from mcmc.prox import (
     supported_pairs,
 )
 from mcmc.schedules import ConstantSchedule, CyclicalSchedule, PolynomialSchedule
-from mcmc.sgld import CVSGLD, SGLD, cv_gradient, find_mode, pSGLD, psgld_step, sgld_step
+from mcmc.sgld import CVSGLD, SGLD, cv_gradient, pSGLD, psgld_step, sgld_step
 
 __all__ = [
     "CVSGLD",
@@ -74,6 +87,7 @@ __all__ = [
     "Hypentropy",
     "IMQKernel",
     "LangevinKernel",
+    "Laplace",
     "MirrorMap",
     "NonNegative",
     "NonsmoothTerm",
@@ -87,11 +101,19 @@ __all__ = [
     "bregman_proximal_gradient_step",
     "check_finite",
     "cv_gradient",
+    "default_step_size",
     "envelope_grad",
     "find_mode",
     "fit_shard_approximation",
+    "gradient_noise",
+    "hessian",
+    "hessian_diagonal",
+    "hessian_vector_product",
     "kernel_stein_discrepancy",
     "ksd",
+    "laplace_approximation",
+    "largest_eigenvalue",
+    "minibatch_gradients",
     "myula_step",
     "pSGLD",
     "psgld_step",

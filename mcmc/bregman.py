@@ -281,7 +281,8 @@ def sample_chains(x0: torch.Tensor, grad_f: Callable[[torch.Tensor], torch.Tenso
                   g: NonsmoothTerm, *, method: str = "bmumla", mirror: MirrorMap | None = None,
                   step_size: float, lam: float | None = None, side: str = "left",
                   num_samples: int, warmup_steps: int = 0, thinning: int = 1,
-                  seed: int | None = None, progress: bool = True) -> torch.Tensor:
+                  seed: int | None = None, progress: bool = True,
+                  diagnostics: bool = True) -> torch.Tensor:
     """Run ``C`` chains of MYULA / BMUMLA / the Bregman proximal-gradient scheme on a target
     ``exp(-f(x) - g(x))`` on ``R^d`` given by ``grad f`` (no Pyro model: toy targets, tests).
 
@@ -292,7 +293,9 @@ def sample_chains(x0: torch.Tensor, grad_f: Callable[[torch.Tensor], torch.Tenso
             the step functions.
         num_samples: draws kept per chain; warmup_steps: discarded steps; thinning: steps per
             draw; seed: of the noise generator (default: drawn from torch's global RNG);
-            progress: progress bar for long runs.
+            progress: progress bar for long runs; diagnostics: check the draws at the end
+            (:func:`mcmc.diagnostics.check_chains`: INFO summary, one ``ConvergenceWarning`` if
+            the chains disagree or the ESS is tiny).
 
     Returns:
         ``(C, num_samples, d)`` draws. A NaN/inf state or gradient raises ``FloatingPointError``
@@ -310,8 +313,13 @@ def sample_chains(x0: torch.Tensor, grad_f: Callable[[torch.Tensor], torch.Tenso
     driver = ChainDriver(_FunctionTarget(grad_f, step, method), step_size, generator=gen,
                          name=method)
     driver.start(x0)
-    return driver.run(num_samples, warmup_steps=warmup_steps, thinning=thinning,
-                      progress=progress)
+    draws = driver.run(num_samples, warmup_steps=warmup_steps, thinning=thinning,
+                       progress=progress)
+    if diagnostics:
+        from .diagnostics import check_chains
+
+        check_chains(draws, name=method).announce(stacklevel=2)
+    return draws
 
 
 # ---------------------------------------------------------------------------------------

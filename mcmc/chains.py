@@ -665,6 +665,8 @@ class LangevinKernel(MCMCKernel):
         self._steps_since_setup = 0
         self._num_samples_checked = True
         self._in_pyro_mcmc = False
+        self._pyro_draws: list[torch.Tensor] = []  # one Pyro MCMC chain's kept points
+        self.convergence = None  # ConvergenceReport of the last run (mcmc.diagnostics)
 
     # ------------------------------------------------------------------ set-up
     @property
@@ -819,6 +821,7 @@ class LangevinKernel(MCMCKernel):
         initial_params: torch.Tensor | dict | None = None,
         progress: bool = True,
         unconstrained: bool = False,
+        diagnostics: bool = True,
     ) -> dict[str, torch.Tensor]:
         """Run ``num_chains`` vectorised chains; return ``{site: (C, num_samples, *shape)}``.
 
@@ -831,6 +834,12 @@ class LangevinKernel(MCMCKernel):
         start a fresh run. ``progress``: a progress bar for runs longer than a few seconds.
         With ``unconstrained=True`` the flat unconstrained draws ``(C, S, D)`` are returned
         under the key ``"_z"`` instead.
+
+        After the run the draws are checked (:func:`mcmc.diagnostics.check_chains`: split R-hat
+        with >= 2 chains, bulk ESS): the one-line summary goes to the ``mcmc.diagnostics``
+        logger (INFO), the report to :attr:`convergence`, and one
+        :class:`~mcmc.diagnostics.ConvergenceWarning` saying what to change is issued when the
+        chains disagree (R-hat > 1.05) or the ESS is tiny. ``diagnostics=False`` skips this.
         """
         name = type(self).__name__
         check_run_lengths(num_samples, warmup_steps, thinning, f"{name}.sample_chains")
@@ -860,11 +869,20 @@ class LangevinKernel(MCMCKernel):
             )
         zs = self._driver.run(num_samples, warmup_steps=warmup_steps, thinning=thinning,
                               progress=progress)
+        if diagnostics:
+            self._check_draws(zs)
         if unconstrained:
             return {"_z": zs}
         C, S = zs.shape[:2]
         flat = pot.unpack(zs.reshape(C * S, zs.shape[-1]))
         return {k: v.reshape((C, S) + tuple(v.shape[1:])) for k, v in flat.items()}
+
+    def _check_draws(self, zs: torch.Tensor, stacklevel: int = 3) -> None:
+        """End-of-run diagnostics of ``(C, S, D)`` draws (see :meth:`sample_chains`)."""
+        from .diagnostics import check_chains
+
+        self.convergence = check_chains(zs, self.potential.site_slices, name=type(self).__name__)
+        self.convergence.announce(stacklevel=stacklevel)
 
     def reset(self) -> None:
         """Forget the chains (the next run starts from fresh initial points)."""
@@ -915,6 +933,7 @@ class LangevinKernel(MCMCKernel):
         self._steps_since_setup = 0
         self._num_samples_checked = False
         self._in_pyro_mcmc = True
+        self._pyro_draws = []
         if self._pending_checkpoint is not None:
             self._apply_checkpoint(self._pending_checkpoint, 1)
             self._pending_checkpoint = None
@@ -946,6 +965,8 @@ class LangevinKernel(MCMCKernel):
             drv.state = self.init(z)
         self._steps_since_setup += 1
         state = drv.step()
+        if self._steps_since_setup > self._setup_warmup:
+            self._pyro_draws.append(state.z.detach().clone())
         return {k: v[0] for k, v in self.potential.unpack_unconstrained(state.z).items()}
 
     def cleanup(self) -> None:
@@ -960,6 +981,12 @@ class LangevinKernel(MCMCKernel):
                 f"(for a warm-up-only run use {type(self).__name__}(...).sample_chains(0, "
                 "warmup_steps=...))"
             )
+        # the end of one Pyro MCMC chain: its bulk ESS (R-hat needs the other chains, which
+        # Pyro may run in other processes: use sample_chains, or MCMC.diagnostics(), for it)
+        if self._pyro_draws:
+            zs = torch.cat(self._pyro_draws)[None]
+            self._pyro_draws = []
+            self._check_draws(zs, stacklevel=4)
 
     def logging(self) -> dict:
         t = self._driver.t if self._driver is not None else 0

@@ -51,12 +51,23 @@ multi-site particle grouping bug — see :class:`mcmc.coin_svgd.CoinSVGD`, which
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
 import torch
 
-__all__ = ["CoinBetting", "CoinState", "coin_betting_init", "coin_betting_step"]
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "AffinePotential",
+    "CoinBetting",
+    "CoinState",
+    "FunctionPotential",
+    "ParticleSampler",
+    "coin_betting_init",
+    "coin_betting_step",
+]
 
 
 class CoinState(NamedTuple):
@@ -207,6 +218,40 @@ class FunctionPotential:
         return torch.as_tensor(values[self.name])
 
 
+class AffinePotential:
+    """The potential of ``z = loc + y scale_tril^T`` as a function of ``y`` (whitened coordinates).
+
+    ``U_y(y) = U(loc + L y)`` and ``grad U_y = L^T grad U`` (the Jacobian ``|det L|`` is a
+    constant), so ``exp(-U_y)`` is the target pushed through the affine map ``z -> L^{-1}(z -
+    loc)`` and a sampler of ``y`` is a sampler of ``z``. Wraps any potential with
+    ``value_and_grad`` (and ``__call__`` for samplers that differentiate through the score).
+    """
+
+    def __init__(self, potential, loc: torch.Tensor, scale_tril: torch.Tensor) -> None:
+        self.base = potential
+        self.loc = loc
+        self.scale_tril = scale_tril
+        self.dim = potential.dim
+        self.dtype = loc.dtype
+        self.device = loc.device
+        self.site_slices = getattr(potential, "site_slices", None)
+
+    def to_base(self, y: torch.Tensor) -> torch.Tensor:
+        """``z = loc + y L^T`` for ``y (N, D)``."""
+        return self.loc + y @ self.scale_tril.T
+
+    def from_base(self, z: torch.Tensor) -> torch.Tensor:
+        """``y = L^{-1} (z - loc)`` for ``z (N, D)``."""
+        return torch.linalg.solve_triangular(self.scale_tril, (z - self.loc).T, upper=False).T
+
+    def __call__(self, y: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return self.base(self.to_base(y), *args, **kwargs)
+
+    def value_and_grad(self, y: torch.Tensor, *args, **kwargs):
+        u, g = self.base.value_and_grad(self.to_base(y), *args, **kwargs)
+        return u, g @ self.scale_tril
+
+
 def _make_optimizer(optim, params: list[torch.Tensor]) -> torch.optim.Optimizer:
     """``None`` -> CoinBetting; a ``pyro.optim.PyroOptim``; or a factory ``params -> Optimizer``."""
     import pyro.optim
@@ -231,6 +276,21 @@ def _make_optimizer(optim, params: list[torch.Tensor]) -> torch.optim.Optimizer:
     raise TypeError(f"optim must be None, a PyroOptim or a callable, got {type(optim).__name__}")
 
 
+def _moment_whitening(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mean, L)`` with ``L L^T`` the particles' covariance (diagonal when ``N < 2 D``)."""
+    n, d = z.shape
+    loc = z.mean(0)
+    cov = torch.cov(z.T).reshape(d, d)
+    if n < 2 * d:
+        cov = torch.diag(cov.diagonal())
+    jitter = 1e-12 * float(cov.diagonal().mean()) + torch.finfo(z.dtype).tiny
+    eye = torch.eye(d, dtype=z.dtype, device=z.device)
+    tril, info = torch.linalg.cholesky_ex(cov + jitter * eye)
+    if int(info) != 0 or not bool(torch.isfinite(tril).all()):
+        tril = torch.diag(cov.diagonal().clamp_min(jitter).sqrt())
+    return loc, tril
+
+
 class ParticleSampler:
     """Base class: particles ``(N, D)`` in unconstrained space moved by an optimizer.
 
@@ -244,8 +304,22 @@ class ParticleSampler:
         num_particles: ``N >= 2``.
         max_plate_nesting: for Pyro models (inferred when None).
         optim: ``None`` (CoinBetting), a ``pyro.optim.PyroOptim`` or ``params -> Optimizer``.
-        init_strategy: Pyro init strategy for the initial particles (default ``init_to_sample``,
-            as Pyro's SVGD; ``init_to_value`` for models with flat ``ImproperUniform`` priors).
+        precondition: ``"laplace"`` (default) or ``None``. With ``"laplace"`` the sampler
+            first finds the posterior mode ``m`` (L-BFGS) and the Hessian ``H`` there
+            (:func:`mcmc.laplace.laplace_approximation`) and moves *whitened* particles
+            ``y = L^{-1} (z - m)``, ``L L^T = H^{-1}`` (see "Preconditioning" below); the
+            particles start at Laplace draws ``y ~ N(0, I)`` unless ``initial_particles`` are
+            given. ``None``: the particles are the model's unconstrained coordinates, started
+            from ``init_strategy`` (the paper's setting).
+        warmup_steps: with ``precondition="laplace"``, the whitening is re-estimated from the
+            particles' mean and covariance (diagonal when ``N < 2 D``) at iterations
+            ``warmup_steps // 4``, ``warmup_steps // 2`` and ``warmup_steps``, and the
+            optimizer (coin-betting) state restarts there; fixed afterwards. ``0``: keep the
+            Laplace whitening throughout.
+        init_strategy: Pyro init strategy: with ``precondition="laplace"`` the start of the mode
+            search (default: the prior median); without, the initial particles (default
+            ``init_to_sample``: prior draws, as Pyro's SVGD). ``init_to_value`` for models with
+            flat ``ImproperUniform`` priors.
         vectorize: how the particles are evaluated (:class:`mcmc.potential.Potential`: a particle
             plate when the model broadcasts, else ``torch.func.vmap``, else a loop).
         capture: the potential's gradients as a captured graph (``"auto"``, a backend or
@@ -256,6 +330,50 @@ class ParticleSampler:
     For a Pyro model, ``step(*args, **kwargs)`` passes the model's data like Pyro's ``SVGD``; the
     potential (:class:`mcmc.potential.Potential`) is built at the first step and re-pointed at new
     data when the arguments change.
+
+    Preconditioning (why it is the default)
+    ---------------------------------------
+    Coin betting is invariant to the scale of the outcomes but *not* to the scale of the
+    particles: the bettor's displacement ``x_t - x_0 = S_t / (G_t + L_t) (1 + R_t / L_t)`` is
+    measured in absolute units (its first step is ``+-1/2`` in every coordinate), and its state
+    never forgets the largest outcome ``L_t`` or the sums ``S_t, G_t``. Started from prior draws
+    on a posterior whose scale is far from 1 (e.g. a GLM on thousands of rows), the early
+    outcomes are orders of magnitude larger than later ones, and particles whose ``S_t`` was
+    driven the wrong way by that transient stay pinned far out for thousands of steps (they move
+    ``~|c_t| / L_t`` as fast as they should; ``tests/test_coin_defaults.py`` shows it). Moving the
+    particles in Laplace-whitened coordinates makes the posterior's scale ~1 in every direction
+    and starting them at Laplace draws makes the outcome sequence roughly stationary from the
+    first step. The target is unchanged: the particles ``y`` target the posterior pushed through
+    a fixed affine map, and SVGD on ``y`` with a kernel ``k(y, y')`` is SVGD on ``z`` with the
+    matrix-valued kernel ``L L^T k(L^{-1} z, L^{-1} z')`` (Wang, Tang, Bajaj & Liu, "Stein
+    variational gradient descent with matrix-valued kernels", NeurIPS 2019, constant
+    preconditioner). :attr:`particles` holds ``y``; :meth:`get_particles` returns ``z``. The
+    set-up costs one L-BFGS mode search and ``D`` Hessian-vector products (a dense ``D x D``
+    Hessian), once; for very large ``D`` pass ``precondition=None``. It applies to any ``optim``.
+
+    The Laplace approximation can be poor (eight schools: the joint mode sits far in the tail of
+    ``tau``), so during warm-up the affine map is re-fitted to the particles themselves and the
+    bettor restarts from the current particles with a fresh state, as NUTS re-estimates its mass
+    matrix in warm-up windows. Each phase is coin sampling of the same posterior in fixed affine
+    coordinates started where the previous phase ended; after ``warmup_steps`` the map is fixed.
+    (Restarts are only done in whitened coordinates: a fresh bettor's first step is ``+-1/2`` per
+    coordinate, which is ~half a posterior sd there but can be many sds in the model's own
+    coordinates.) A multimodal posterior is not helped by one Laplace approximation: use
+    ``precondition=None`` with an ``init_strategy`` that covers the modes. When there is no
+    usable mode (the mode search diverges, e.g. in a funnel) the first whitening is the initial
+    particles' own mean and covariance (prior draws by default), logged as a warning.
+
+    Diagnostics
+    -----------
+    At the end of :meth:`run` the particles are checked (:meth:`diagnose`): the fraction of
+    particles stuck far outside the bulk (:func:`mcmc.diagnostics.stuck_particles`, in
+    unconstrained coordinates), and their kernel Stein discrepancy in their own whitened
+    coordinates against the level an exact sample of ``N`` draws has there
+    (:func:`mcmc.kernels.whitened_ksd`: exact draws give 1-1.25x that level, a set that has not
+    converged many times it, even when all its particles are stranded together). The summary is
+    logged (INFO, logger ``mcmc.diagnostics``), kept in :attr:`convergence`, and one
+    :class:`~mcmc.diagnostics.ConvergenceWarning` says what to change when something is wrong
+    (``run(..., diagnostics=False)`` skips the check).
     """
 
     def __init__(
@@ -268,6 +386,8 @@ class ParticleSampler:
         init_strategy: Callable | None = None,
         initial_particles=None,
         vectorize: str = "auto",
+        precondition: str | None = "laplace",
+        warmup_steps: int = 200,
         capture: str | bool = "auto",
     ) -> None:
         from .potential import capture_option
@@ -283,6 +403,12 @@ class ParticleSampler:
         ):
             raise ValueError(f"max_plate_nesting must be a non-negative int or None, "
                              f"got {max_plate_nesting!r}")
+        if precondition not in ("laplace", None):
+            raise ValueError(f"{type(self).__name__}(..., precondition={precondition!r}): must "
+                             "be 'laplace' or None")
+        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+            raise ValueError(f"{type(self).__name__}(..., warmup_steps={warmup_steps!r}): must be "
+                             "a non-negative int")
         if hasattr(target, "value_and_grad") and hasattr(target, "dim"):
             self._potential = target
             self.model = None
@@ -298,6 +424,12 @@ class ParticleSampler:
         self.init_strategy = init_strategy
         self.vectorize = vectorize
         self._initial = initial_particles
+        self.precondition = precondition
+        self.warmup_steps = warmup_steps
+        self.laplace = None  # mcmc.laplace.Laplace once computed (precondition="laplace")
+        self.loc: torch.Tensor | None = None  # current whitening z = loc + y scale_tril^T
+        self.scale_tril: torch.Tensor | None = None
+        self.convergence = None  # ConvergenceReport of the last run (mcmc.diagnostics)
         self._args_key = None
         self.particles: torch.Tensor | None = None
         self.optimizer: torch.optim.Optimizer | None = None
@@ -337,24 +469,81 @@ class ParticleSampler:
 
     def _init_particles(self, pot) -> None:
         init = self._initial
+        z = None
         if init is None:
-            if hasattr(pot, "initial_params"):
+            if self.precondition is None:
+                if not hasattr(pot, "initial_params"):
+                    raise ValueError("initial_particles is required for a potential without "
+                                     "initial_params (e.g. FunctionPotential)")
                 from pyro.infer.autoguide.initialization import init_to_sample
 
                 z = pot.initial_params(self.num_particles, self.init_strategy or init_to_sample)
-            else:
-                raise ValueError("initial_particles is required for a potential without "
-                                 "initial_params (e.g. FunctionPotential)")
         elif isinstance(init, dict):
             z = pot.pack(init)
         else:  # the potential's dtype/device when it has them (Potential does)
             z = torch.as_tensor(init, dtype=getattr(pot, "dtype", None),
                                 device=getattr(pot, "device", None))
-        if z.dim() != 2 or z.shape != (self.num_particles, pot.dim):
+        if z is not None and (z.dim() != 2 or z.shape != (self.num_particles, pot.dim)):
             raise ValueError(f"initial particles must have shape ({self.num_particles}, "
                              f"{pot.dim}), got {tuple(z.shape)}")
-        self.particles = z.detach().clone().requires_grad_(True)
+        if self.precondition == "laplace":
+            try:
+                self.laplace = self._laplace(pot, z)
+            except FloatingPointError as e:
+                # no usable mode (e.g. a funnel): whiten with the particles' own moments instead
+                # (the warm-up re-fits continue from there)
+                if z is None:
+                    from pyro.infer.autoguide.initialization import init_to_sample
+
+                    z = pot.initial_params(self.num_particles,
+                                           self.init_strategy or init_to_sample)
+                logger.warning("%s: %s; whitening with the initial particles' mean and "
+                               "covariance instead", type(self).__name__, e)
+                self.loc, self.scale_tril = _moment_whitening(z)
+            else:
+                self.loc, self.scale_tril = self.laplace.mode, self.laplace.scale_tril
+            if z is None:  # Laplace draws
+                y = torch.randn(self.num_particles, pot.dim, dtype=self.loc.dtype,
+                                device=self.loc.device)
+            else:
+                y = AffinePotential(pot, self.loc, self.scale_tril).from_base(z)
+        else:
+            y = z
+        self._set_particles(y)
+
+    def _set_particles(self, y: torch.Tensor) -> None:
+        """New particle tensor and a fresh optimizer (coin-betting) state."""
+        self.particles = y.detach().clone().requires_grad_(True)
         self.optimizer = _make_optimizer(self._optim_spec, [self.particles])
+
+    def _rewhiten(self) -> None:
+        """Re-fit the affine map to the particles and restart the bettor (warm-up)."""
+        z = self.get_particles()
+        self.loc, self.scale_tril = _moment_whitening(z)
+        y = torch.linalg.solve_triangular(self.scale_tril, (z - self.loc).T, upper=False).T
+        self._set_particles(y)
+
+    def _laplace(self, pot, z):
+        """Laplace approximation; the mode search starts at the mean of the given initial
+        particles, else (Pyro models) at a point of ``init_strategy`` or the prior median."""
+        from .laplace import laplace_approximation
+
+        if z is not None:
+            start = z.mean(0, keepdim=True)
+        elif hasattr(pot, "initial_params"):
+            from pyro.infer.autoguide.initialization import init_to_median
+
+            start = pot.initial_params(1, self.init_strategy or init_to_median)
+        else:
+            raise ValueError("initial_particles is required for a potential without "
+                             "initial_params (e.g. FunctionPotential)")
+        return laplace_approximation(pot, start)
+
+    def _target(self, pot):
+        """The potential the particles move in: ``pot`` itself or its whitened version."""
+        if self.loc is None:
+            return pot
+        return AffinePotential(pot, self.loc, self.scale_tril)
 
     # -------------------------------------------------------------- stepping
     def direction(self, pot, z: torch.Tensor) -> torch.Tensor:
@@ -376,40 +565,86 @@ class ParticleSampler:
         if self.particles is None:
             self._init_particles(pot)
         z = self.particles
-        phi = self.direction(pot, z.detach())
+        phi = self.direction(self._target(pot), z.detach())
         self._check("direction", phi, pot)
         z.grad = -phi
         self.optimizer.step()
         z.grad = None
         self.iteration += 1
         self._check("particles", z.detach(), pot)
+        if self.loc is not None and self.iteration in self._warmup_windows():
+            self._rewhiten()
         return {"mean_sq_direction": float(phi.pow(2).mean())}
 
+    def _warmup_windows(self) -> set[int]:
+        w = self.warmup_steps
+        return {t for t in (w // 4, w // 2, w) if t > 0}
+
     def run(self, num_steps: int, *args, progress: bool = True,
-            callback: Callable | None = None, **kwargs) -> torch.Tensor:
+            callback: Callable | None = None, diagnostics: bool = True,
+            **kwargs) -> torch.Tensor:
         """``num_steps`` steps; ``callback(self, iteration)`` after each. Returns the particles.
 
         ``progress``: the package's progress bar (:func:`mcmc.chains.progress_bar`, shown for
-        runs longer than a few seconds)."""
+        runs longer than a few seconds). ``diagnostics``: check the particles at the end (see the
+        class docstring; the report is kept in :attr:`convergence`)."""
         from .chains import progress_bar
 
         if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 0:
             raise ValueError(f"{type(self).__name__}.run(num_steps={num_steps!r}): num_steps "
                              "must be a non-negative int")
+        start = None
+        if diagnostics and num_steps > 0:
+            pot = self._potential_for(args, kwargs)
+            if self.particles is None:
+                self._init_particles(pot)
+            start = self.get_particles().clone()
         with progress_bar(num_steps, progress=progress, desc=type(self).__name__) as bar:
             for t in range(num_steps):
                 self.step(*args, **kwargs)
                 if callback is not None:
                     callback(self, t)
                 bar.update()
+        if start is not None:
+            self.convergence = self.diagnose(start)
+            self.convergence.announce(stacklevel=2)
         return self.get_particles()
+
+    def diagnose(self, start: torch.Tensor | None = None):
+        """:class:`~mcmc.diagnostics.ConvergenceReport` of the current particles: the fraction
+        stuck far outside the bulk (:func:`mcmc.diagnostics.stuck_particles`) and their KSD in
+        their own whitened coordinates against the level of an exact sample
+        (:func:`mcmc.kernels.whitened_ksd`); ``start`` (particles ``(N, D)``, model coordinates)
+        adds the KSD at the start of the run to the summary."""
+        from .diagnostics import check_convergence, stuck_particles
+
+        z = self.get_particles()
+        stuck = float(stuck_particles(z).mean())
+        ksd = initial = level = None
+        try:
+            ksd, level = self._whitened_ksd(z)
+            if start is not None:
+                initial, _ = self._whitened_ksd(start)
+        except NotImplementedError:  # e.g. Coin MSVGD: no Euclidean KSD
+            pass
+        return check_convergence(kind="particles", name=type(self).__name__, ksd=ksd,
+                                 initial_ksd=initial, ksd_level=level, stuck_fraction=stuck)
+
+    def _whitened_ksd(self, z: torch.Tensor) -> tuple[float, float]:
+        """:func:`mcmc.kernels.whitened_ksd` of particles ``z`` (model coordinates)."""
+        from .kernels import whitened_ksd
+
+        return whitened_ksd(z, -self.potential.value_and_grad(z)[1])
 
     # -------------------------------------------------------------- results
     def get_particles(self) -> torch.Tensor:
-        """Unconstrained particles ``(N, D)`` (detached)."""
+        """Unconstrained particles ``(N, D)`` in the model's coordinates (detached)."""
         if self.particles is None:
             raise RuntimeError("no particles yet: call step() or run() first")
-        return self.particles.detach()
+        y = self.particles.detach()
+        if self.loc is None:
+            return y
+        return self.loc + y @ self.scale_tril.T
 
     def get_named_particles(self) -> dict[str, torch.Tensor]:
         """``{site: constrained values (N, *shape)}``, particle-major for every site."""

@@ -57,7 +57,9 @@ class CoinKSDD(ParticleSampler):
             :class:`mcmc.coin.FunctionPotential` do).
         kernel: a :class:`mcmc.kernels.StationaryKernel` (default ``IMQKernel()``).
         num_particles, max_plate_nesting, optim, init_strategy, initial_particles, vectorize,
-            capture: see :class:`mcmc.coin.ParticleSampler`.
+            precondition, warmup_steps, capture: see :class:`mcmc.coin.ParticleSampler` (default:
+            Laplace-whitened particles started at Laplace draws, which also answers the caveat
+            above).
         chunk_size: rows per Stein-kernel block.
 
     ``step`` returns ``{"mean_sq_direction", "ksd2"}`` (``ksd2``: the objective before the step).
@@ -75,11 +77,14 @@ class CoinKSDD(ParticleSampler):
         init_strategy=None,
         initial_particles=None,
         vectorize: str = "auto",
+        precondition: str | None = "laplace",
+        warmup_steps: int = 200,
         capture: str | bool = "auto",
     ) -> None:
         super().__init__(model, num_particles, max_plate_nesting=max_plate_nesting, optim=optim,
                          init_strategy=init_strategy, initial_particles=initial_particles,
-                         vectorize=vectorize, capture=capture)
+                         vectorize=vectorize, precondition=precondition,
+                         warmup_steps=warmup_steps, capture=capture)
         kernel = IMQKernel() if kernel is None else kernel
         if not isinstance(kernel, StationaryKernel):
             raise TypeError(f"kernel must be a mcmc.kernels.StationaryKernel, got "

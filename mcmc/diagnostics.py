@@ -15,6 +15,7 @@ set is a single joint sample, so chain-based diagnostics (R-hat, ESS) are not me
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import tempfile
 import warnings
@@ -39,6 +40,7 @@ __all__ = [
     "ConvergenceWarning",
     "atomic_write",
     "bulk_ess",
+    "check_chains",
     "check_convergence",
     "flatten_draws",
     "group_names",
@@ -47,8 +49,11 @@ __all__ = [
     "posterior_dataset",
     "save_inference_data",
     "split_rhat",
+    "stuck_particles",
     "to_inference_data",
 ]
+
+logger = logging.getLogger(__name__)
 
 
 def _numpy(value: Any) -> np.ndarray:
@@ -353,6 +358,15 @@ then more than a tenth of a posterior standard deviation."""
 KSD_RATIO = 0.5
 """A particle method whose KSD fell by less than this factor from its start has not converged."""
 
+KSD_LEVEL_FACTOR = 2.0
+"""A particle set whose KSD in its own whitened coordinates exceeds this multiple of the level
+an exact sample of its size has there (:func:`mcmc.kernels.whitened_ksd`) is not yet a sample of
+the posterior (exact draws: 0.97-1.25 times the level)."""
+
+STUCK_THRESHOLD = 8.0
+"""A particle further than this many robust standard deviations (1.4826 x the median absolute
+deviation) from the particles' coordinate-wise median, in some coordinate, is stuck."""
+
 
 class ConvergenceWarning(UserWarning):
     """A sampler or fit finished but its diagnostics say the result should not be trusted."""
@@ -478,6 +492,7 @@ class ConvergenceReport:
         rhat: ``{site: max split R-hat over its coordinates}`` (empty with fewer than 2 chains).
         ess: ``{site: min bulk ESS over its coordinates}`` (empty for particle sets).
         num_chains, num_draws: the shape of the draws checked.
+        ksd, initial_ksd, ksd_level, stuck_fraction: the particle checks' numbers (or None).
     """
 
     summary: str
@@ -486,6 +501,10 @@ class ConvergenceReport:
     ess: dict[str, float] = dataclasses.field(default_factory=dict)
     num_chains: int = 0
     num_draws: int = 0
+    ksd: float | None = None
+    initial_ksd: float | None = None
+    ksd_level: float | None = None
+    stuck_fraction: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -506,6 +525,15 @@ class ConvergenceReport:
         for message in self.warnings:
             warnings.warn(message, ConvergenceWarning, stacklevel=stacklevel + 1)
 
+    def announce(self, stacklevel: int = 2) -> None:
+        """What a sampler does at the end of a run: log :attr:`summary` at INFO (logger
+        ``mcmc.diagnostics``) and, if anything looks wrong, issue ONE :class:`ConvergenceWarning`
+        holding every warning (silence it with ``warnings.simplefilter("ignore",
+        ConvergenceWarning)`` or the sampler's ``diagnostics=False``)."""
+        logger.info(self.summary)
+        if self.warnings:
+            warnings.warn(" ".join(self.warnings), ConvergenceWarning, stacklevel=stacklevel + 1)
+
 
 def check_convergence(
     draws: Mapping[str, Any] | None = None,
@@ -517,6 +545,7 @@ def check_convergence(
     stuck_fraction: float | None = None,
     rhat_threshold: float = RHAT_THRESHOLD,
     min_ess: float = MIN_ESS,
+    ksd_level: float | None = None,
 ) -> ConvergenceReport:
     """Check a sampler's output and say, in words, what to change when it looks wrong.
 
@@ -528,7 +557,12 @@ def check_convergence(
             independent particle sets when there are >= 2; ESS is not defined for particles).
         name: what produced the draws (e.g. ``"sgld on logistic_regression"``), used in messages.
         ksd, initial_ksd: kernel Stein discrepancy at the end and at the start (particle methods).
-        stuck_fraction: fraction of particles the caller found stuck away from the rest.
+        ksd_level: the KSD an exact sample of this size has in the coordinates ``ksd`` was
+            computed in (:func:`mcmc.kernels.whitened_ksd`). Given, the check is absolute: warn
+            when ``ksd > KSD_LEVEL_FACTOR * ksd_level`` (whatever the start). Without it: warn
+            when the KSD has not fallen below ``KSD_RATIO * initial_ksd``.
+        stuck_fraction: fraction of particles the caller found stuck away from the rest
+            (:func:`stuck_particles`).
         rhat_threshold, min_ess: when to warn (defaults :data:`RHAT_THRESHOLD`, :data:`MIN_ESS`).
 
     Returns:
@@ -591,22 +625,89 @@ def check_convergence(
                 f"Monte-Carlo error of a mean is then > {1 / np.sqrt(min_ess):.2g} posterior sd); "
                 "draw more samples (num_samples), or mix faster (a larger step_size, thinning)")
     if ksd is not None:
-        if initial_ksd is not None:
-            parts.append(f"KSD {_fmt(initial_ksd)} -> {_fmt(ksd)}")
+        start = "" if initial_ksd is None else f"{_fmt(initial_ksd)} -> "
+        if ksd_level is not None:
+            parts.append(f"KSD {start}{_fmt(ksd)} ({_fmt(ksd / ksd_level)}x an exact sample's)")
+            if not np.isfinite(ksd) or ksd > KSD_LEVEL_FACTOR * ksd_level:
+                messages.append(
+                    f"{who}the kernel Stein discrepancy ({start}{_fmt(ksd)}) is "
+                    f"{_fmt(ksd / ksd_level)}x that of an exact sample of this size: the "
+                    "particles are not (yet) a sample of the posterior; run more iterations, or "
+                    "start the particles nearer the posterior (e.g. from a Laplace or ADVI fit)")
+        elif initial_ksd is not None:
+            parts.append(f"KSD {start}{_fmt(ksd)}")
             if not np.isfinite(ksd) or ksd > KSD_RATIO * initial_ksd:
                 messages.append(
-                    f"{who}the kernel Stein discrepancy has not fallen ({_fmt(initial_ksd)} -> "
-                    f"{_fmt(ksd)}); run more iterations, or start the particles nearer the "
-                    "posterior (e.g. from a Laplace or ADVI fit)")
+                    f"{who}the kernel Stein discrepancy has not fallen ({start}{_fmt(ksd)}); "
+                    "run more iterations, or start the particles nearer the posterior (e.g. "
+                    "from a Laplace or ADVI fit)")
         else:
             parts.append(f"KSD {_fmt(ksd)}")
     if stuck_fraction is not None:
         parts.append(f"{100 * stuck_fraction:.0f}% particles stuck")
         if stuck_fraction > 0:
             messages.append(
-                f"{who}{100 * stuck_fraction:.0f}% of the particles are stuck away from the rest; "
-                "start the particles nearer the posterior or run more iterations, and do not "
-                "trust the spread until none are")
+                f"{who}{100 * stuck_fraction:.2g}% of the particles are stuck away from the rest "
+                f"(> {STUCK_THRESHOLD:g} robust sds from the median); start the particles nearer "
+                "the posterior (the coin samplers' default precondition='laplace' does) or run "
+                "more iterations, and do not trust the spread until none are")
     status = "ok" if not messages else f"{len(messages)} warning(s)"
     summary = f"{who}{'; '.join(parts) if parts else 'nothing to check'}: {status}"
-    return ConvergenceReport(summary, tuple(messages), rhat, ess, chains, draws_per_chain)
+    return ConvergenceReport(summary, tuple(messages), rhat, ess, chains, draws_per_chain, ksd,
+                             initial_ksd, ksd_level, stuck_fraction)
+
+
+def stuck_particles(particles: Any, threshold: float = STUCK_THRESHOLD) -> np.ndarray:
+    """Which particles of a set ``(N, D)`` are stuck far outside the bulk: boolean ``(N,)``.
+
+    Particle ``i`` is stuck when ``max_j |x_ij - med_j| / s_j > threshold``, with ``med_j`` the
+    coordinate-wise median and ``s_j = 1.4826 MAD_j`` the robust standard deviation (both
+    unaffected by up to half of the particles being stuck). For a Gaussian posterior a particle
+    lies beyond 8 sds with probability ~1e-15, so a converged set has none; particles that a
+    sampler left behind (e.g. coin betting with a stale scale, far from the posterior) are
+    typically tens to thousands of sds away. Use unconstrained coordinates (heavy-tailed
+    constrained sites such as a scale's upper tail would look stuck). A coordinate whose MAD is
+    0 flags every particle that differs from the median there.
+    """
+    x = np.asarray(_numpy(particles), dtype=np.float64)
+    if x.ndim != 2:
+        raise ValueError(f"particles must have shape (N, D), got {x.shape}")
+    bad = ~np.isfinite(x).all(axis=1)  # NaN/inf particles count as stuck
+    if bad.all():
+        return bad
+    med = np.median(x[~bad], axis=0)
+    dev = np.abs(x - med)
+    scale = 1.4826 * np.median(dev[~bad], axis=0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z = np.where(scale > 0, dev / scale, np.where(dev > 0, np.inf, 0.0))
+    return bad | ~(z.max(axis=1) <= threshold)
+
+
+def check_chains(
+    draws: Any,
+    site_slices: Mapping[str, slice] | None = None,
+    *,
+    name: str = "",
+    max_size: int = 2_000_000,
+) -> ConvergenceReport:
+    """:func:`check_convergence` of flat chains ``(C, S, D)`` (unconstrained draws, as the chain
+    drivers keep them), per site when ``site_slices`` (``{site: slice of D}``) is given.
+
+    Split R-hat and bulk ESS are rank-based, so unconstrained and constrained draws give nearly
+    the same answer. To bound the cost, at most ``max_size`` numbers are checked: with more,
+    an evenly spaced subset of the chains (the summary says how many).
+    """
+    x = _numpy(draws)
+    if x.ndim != 3:
+        raise ValueError(f"draws must have shape (chains, draws, D), got {x.shape}")
+    C, S, D = x.shape
+    keep = C
+    if C * S * D > max_size and C > 2:
+        keep = max(2, min(C, max_size // max(S * D, 1)))
+        x = x[np.linspace(0, C - 1, keep).round().astype(int)]
+    slices = site_slices or {"z": slice(0, D)}
+    report = check_convergence({k: x[:, :, sl] for k, sl in slices.items()}, name=name)
+    if keep < C:
+        report = dataclasses.replace(report, summary=report.summary.replace(
+            f"{keep} chains", f"{keep} of {C} chains (subset checked)", 1))
+    return report

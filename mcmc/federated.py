@@ -34,7 +34,7 @@ scaling, :mod:`mcmc.potential`).
 How ``q_s`` is fitted (once per shard, on the shard; only its parameters are shared)
 --------------------------------------------------------------------------------------
 Laplace-type second-order expansion of the shard log-likelihood: the shard's local posterior
-``U_s`` is minimised with L-BFGS (:func:`mcmc.sgld.find_mode`; it exists even when the
+``U_s`` is minimised with L-BFGS (:func:`mcmc.laplace.find_mode`; it exists even when the
 likelihood alone is flat in some direction), and ``L_s(z) = p_s (U_s(z) - U_prior(z))`` (the
 shard's negative log-likelihood, Jacobian terms cancel) is expanded to second order there:
 ``U_qs(z) = g_s^T (z - m_s) + (z - m_s)^T Lambda_s (z - m_s) / 2`` with ``g_s``, ``Lambda_s`` the
@@ -64,9 +64,10 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 
 from .chains import ChainDriver, StepRandomness, check_run_lengths
+from .laplace import find_mode
 from .potential import Potential, capture_option, check_finite
 from .schedules import as_schedule
-from .sgld import find_mode, sgld_step
+from .sgld import sgld_step
 
 __all__ = [
     "ChainPacket",
@@ -329,6 +330,7 @@ class FederatedSGLD:
         self._sum_precision = None
         self._sum_eta = None
         self._driver: ChainDriver | None = None
+        self.convergence = None  # ConvergenceReport of the last sample_chains (diagnostics)
 
     def set_shard_sizes(self, shard_sizes: Sequence[int], shard_probs=None) -> None:
         """Record ``N_s`` and the visit probabilities (default ``p_s = N_s / N``)."""
@@ -531,6 +533,7 @@ class FederatedSGLD:
         initial_params: torch.Tensor | dict | None = None,
         progress: bool = True,
         unconstrained: bool = False,
+        diagnostics: bool = True,
     ) -> dict[str, torch.Tensor]:
         """Run ``num_chains`` chains in this process (every shard held here); return
         ``{site: (C, num_samples, *shape)}`` (``"_z"``: flat unconstrained draws with
@@ -540,6 +543,8 @@ class FederatedSGLD:
         then every ``thinning``-th of ``num_samples * thinning`` steps is kept (``num_samples=0``:
         warm-up only). A second call continues the held chains (same ``num_chains``; another
         number is an error, :meth:`reset` starts afresh; ``initial_params`` start a fresh run).
+        The draws are checked at the end as in :meth:`mcmc.chains.LangevinKernel.sample_chains`
+        (report in :attr:`convergence`; ``diagnostics=False`` skips it).
         """
         check_run_lengths(num_samples, warmup_steps, thinning, "FederatedSGLD.sample_chains")
         if isinstance(num_chains, bool) or not isinstance(num_chains, int) or num_chains < 1:
@@ -559,6 +564,12 @@ class FederatedSGLD:
             )
         zs = self._driver.run(num_samples, warmup_steps=warmup_steps, thinning=thinning,
                               progress=progress)
+        if diagnostics:
+            from .diagnostics import check_chains
+
+            pot = next(iter(self.workers.values())).potential
+            self.convergence = check_chains(zs, pot.site_slices, name=self.method.upper())
+            self.convergence.announce(stacklevel=2)
         return {"_z": zs} if unconstrained else self.constrain(zs)
 
     def reset(self) -> None:

@@ -146,7 +146,9 @@ def diagnose(result: FitResult) -> tuple[str, list[str]]:
     messages = list(result.warnings)
     if result.kind == "particles":
         report = check_convergence(draws, kind="particles", name=name, ksd=info.get("ksd"),
-                                   initial_ksd=info.get("initial_ksd"))
+                                   initial_ksd=info.get("initial_ksd"),
+                                   ksd_level=info.get("ksd_level"),
+                                   stuck_fraction=info.get("stuck_fraction"))
         summary = report.summary
     elif result.ess_defined:
         report = check_convergence(draws, name=name)

@@ -1,307 +1,644 @@
-"""Captured potentials and block steps: the same draws as eager evaluation, one log line when
-capture is not possible, NaN handling unchanged, row gathers as index_select."""
+"""Captured objectives (``capture=True``) and ``CapturedSVI``: same draws, losses, gradients,
+carried state and parameters as the eager objective for the same seed; fallbacks logged once;
+stateful baselines unbiased under capture."""
+
+from __future__ import annotations
 
 import copy
 import logging
+import math
+from functools import partial
 
 import pyro
 import pyro.distributions as dist
+import pyro.distributions.transforms as T
 import pytest
 import torch
+from pyro.infer.autoguide import AutoDiagonalNormal, AutoNormal, AutoNormalizingFlow
+from pyro.nn import PyroModule, PyroSample
+from torch import nn
+from torch.distributions import constraints
 
 import models
-from mcmc import L1, BregmanProximalLangevin, CoinSVGD, FederatedSGLD, Potential
-from mcmc.capture import CaptureError, capture
-from mcmc.schedules import PolynomialSchedule
-from mcmc.sgld import CVSGLD, SGLD, pSGLD
+import vi_estimators as vi
+from vi_estimators.capture import MAX_GRAPHS, Graph
+
+LOGGER = "vi_estimators.capture"
+DATA = torch.tensor([0.3, 1.2, -0.4, 2.1, 0.9, 1.5, -1.0, 0.7])
 
 
-# ------------------------------------------------------------------ models written as users do
-def regression(X, y=None):
-    """Pyro's SVI-tutorial style: the plate subsamples and the model indexes its data."""
-    w = pyro.sample("w", dist.Normal(torch.zeros(X.shape[1], dtype=X.dtype), 1.0).to_event(1))
-    sigma = pyro.sample("sigma", dist.LogNormal(torch.tensor(-0.5, dtype=X.dtype), 0.2))
-    with pyro.plate("data", X.shape[0], subsample_size=20) as idx:
-        pyro.sample("y", dist.Normal(X[idx] @ w, sigma), obs=y[idx])
+# ----------------------------------------------------------------------------- models, guides
 
 
-def _regression_data(n=200, d=3, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    X = torch.randn(n, d, generator=g)
-    y = X @ torch.tensor([1.0, -2.0, 0.5])[:d] + 0.5 * torch.randn(n, generator=g)
-    return X, y
+def normal_model(x):
+    mu = pyro.sample("mu", dist.Normal(0.0, 2.0))
+    with pyro.plate("data", x.shape[0]):
+        pyro.sample("x", dist.Normal(mu, 1.0), obs=x)
 
 
-def _zoo():
-    spec = models.get("logistic_regression_synthetic", num_rows=2000, dim=5)
-    return spec.model, spec.args, spec.kwargs
+def normal_guide(x):
+    m = pyro.param("m", torch.tensor(0.0))
+    s = pyro.param("s", torch.tensor(1.0), constraint=constraints.positive)
+    pyro.sample("mu", dist.Normal(m, s))
 
 
-def _draws(cls, model, args, kwargs=None, *, num_samples=6, warmup=10, thinning=3, chains=3,
-           **options):
-    kernel = cls(model, seed=3, **options)
-    out = kernel.sample_chains(num_samples, num_chains=chains, warmup_steps=warmup,
-                               thinning=thinning, model_args=args, model_kwargs=kwargs,
-                               progress=False, unconstrained=True)["_z"]
-    return out, kernel
+def mixture_model(x):
+    p = pyro.sample("p", dist.Beta(2.0, 2.0))
+    with pyro.plate("data", x.shape[0]):
+        c = pyro.sample("c", dist.Bernoulli(p))
+        pyro.sample("x", dist.Normal(2.0 * c - 1.0, 1.0), obs=x)
 
 
-# ------------------------------------------------------------------ same draws as eager
-@pytest.mark.parametrize("which", ["user", "zoo"])
-@pytest.mark.parametrize("cls", [SGLD, pSGLD, CVSGLD])
-def test_captured_and_block_steps_give_the_eager_draws(which, cls):
-    """Captured potential, block steps of 7 (not dividing the run: 10 warm-up + 6 x 3 steps,
-    so blocks straddle the warm-up and the thinning) and eager evaluation: bit-identical."""
-    if which == "user":
-        model, args, kwargs, opts = regression, _regression_data(), None, {}
-    else:
-        (model, args, kwargs), opts = _zoo(), {"subsample_size": 50}
-    opts["step_size"] = 1e-4
-    eager, _ = _draws(cls, model, args, kwargs, capture="off", **opts)
-    captured, kernel = _draws(cls, model, args, kwargs, block_size=1, **opts)
-    blocked, blocked_kernel = _draws(cls, model, args, kwargs, block_size=7, **opts)
-    assert set(kernel.potential.capture_info.values()) == {"script"}, \
-        kernel.potential.capture_info
-    assert blocked_kernel.driver.capture_info["block_graphs"] > 0, "no block was captured"
-    assert torch.equal(captured, eager)
-    assert torch.equal(blocked, eager)
+def mixture_guide(x):
+    a = pyro.param("a", torch.tensor(2.0), constraint=constraints.positive)
+    b = pyro.param("b", torch.tensor(2.0), constraint=constraints.positive)
+    pyro.sample("p", dist.Beta(a, b))
+    q = pyro.param("q", torch.full((x.shape[0],), 0.5), constraint=constraints.unit_interval)
+    with pyro.plate("data", x.shape[0]):
+        pyro.sample("c", dist.Bernoulli(q))
 
 
-def test_block_steps_with_a_schedule_and_step_halving_match_single_steps():
-    """Step sizes from a schedule are graph inputs (float64 scalars round as Python floats);
-    with on_nonfinite='halve' the per-chain step sizes are inputs too."""
-    X, y = _regression_data()
-    sched = PolynomialSchedule(2e-4, 1.0, 0.55)
-    for opts in ({"step_size": sched}, {"step_size": sched, "on_nonfinite": "halve"}):
-        single, _ = _draws(SGLD, regression, (X, y), block_size=1, warmup=12, **opts)
-        blocked, _ = _draws(SGLD, regression, (X, y), block_size=4, warmup=12, **opts)
-        assert torch.equal(blocked, single)
+def hier_model(x):
+    z = pyro.sample("z", dist.Normal(0.0, 1.0))
+    pyro.sample("x", dist.Normal(z, 1.0), obs=x)
 
 
-def test_checkpoint_between_blocks_resumes_bit_identically(tmp_path):
-    X, y = _regression_data()
-    opts = {"step_size": 1e-3, "seed": 5, "block_size": 5}
-    full = SGLD(regression, **opts).sample_chains(
-        24, num_chains=4, model_args=(X, y), progress=False, unconstrained=True)["_z"]
-    first = SGLD(regression, **opts)
-    d1 = first.sample_chains(11, num_chains=4, model_args=(X, y), progress=False,
-                             unconstrained=True)["_z"]
-    torch.save(first.state_dict(), tmp_path / "ckpt.pt")
-    resumed = SGLD(regression, **dict(opts, block_size=3, seed=99))
-    resumed.load_state_dict(torch.load(tmp_path / "ckpt.pt", weights_only=False))
-    d2 = resumed.sample_chains(13, num_chains=4, model_args=(X, y), progress=False,
-                               unconstrained=True)["_z"]
-    assert torch.equal(torch.cat([d1, d2], 1), full)
+def hier_guide(x):
+    psi = pyro.sample("psi", dist.Normal(pyro.param("m", torch.tensor(0.3)), 0.8))
+    pyro.sample("z", dist.Normal(psi, 0.6))
 
 
-def test_bregman_federated_and_coin_samplers_match_eager():
-    X, y = _regression_data(n=120)
+def prior_reverse(zd, x):
+    pyro.sample("psi", dist.Normal(0.3, 0.8))
 
-    def lasso(X, y):
-        w = pyro.sample("w", dist.Laplace(torch.zeros(3), 1.0).to_event(1))
-        with pyro.plate("data", X.shape[0]):
-            pyro.sample("y", dist.Normal(X @ w, 0.5), obs=y)
 
-    def run_bregman(**kw):
-        k = BregmanProximalLangevin(lasso, {"w": L1(1.0)}, method="myula", step_size=1e-3,
-                                    seed=1, **kw)
-        return k.sample_chains(5, num_chains=3, warmup_steps=8, thinning=2, model_args=(X, y),
-                               progress=False, unconstrained=True)["_z"]
+def iwae_program(model, guide, *args, **kwargs):
+    with vi.particles():
+        trace, log_q = vi.sim(guide, *args, **kwargs)
+        log_p = vi.density(model, trace, *args, **kwargs)
+        torch.randn(3)  # an unused draw still advances the generator (kept in the graph)
+    return vi.logmeanexp(log_p - log_q)
 
-    assert torch.equal(run_bregman(capture="off"), run_bregman(block_size=4))
 
-    shards = [((X[i::3], y[i::3]), {}) for i in range(3)]
+def _learned():
+    """A learned baseline b(x) (its Linear is registered with pyro.module and trained)."""
+    net = nn.Linear(len(DATA), 1)
+    nn.init.zeros_(net.weight)
+    nn.init.zeros_(net.bias)
+    return vi.Learned(net)
 
-    def run_federated(**kw):
-        f = FederatedSGLD(lasso, shards, method="fsgld", step_size=1e-3, tau=6, seed=2, **kw)
-        return f.sample_chains(10, num_chains=3, warmup_steps=5, unconstrained=True,
-                               progress=False)["_z"]
 
-    assert torch.equal(run_federated(capture="off"), run_federated(block_size=4))
+H = torch.tensor(1.5)
+CASES = {
+    "ELBO": (normal_model, normal_guide, (DATA,), lambda c: vi.ELBO(capture=c)),
+    "ELBO looped K=3": (normal_model, normal_guide, (DATA,),
+                        lambda c: vi.ELBO(num_particles=3, capture=c)),
+    "ELBO STL": (normal_model, normal_guide, (DATA,),
+                 lambda c: vi.ELBO(path_gradient=True, capture=c)),
+    "IWELBO": (normal_model, normal_guide, (DATA,),
+               lambda c: vi.IWELBO(num_particles=4, max_plate_nesting=1, capture=c)),
+    "IWELBO DReG": (normal_model, normal_guide, (DATA,),
+                    lambda c: vi.IWELBO(num_particles=4, path_gradient=True,
+                                        max_plate_nesting=1, capture=c)),
+    "VIMCO": (mixture_model, mixture_guide, (DATA,),
+              lambda c: vi.VIMCO(num_particles=4, max_plate_nesting=1, capture=c)),
+    "RWS": (mixture_model, mixture_guide, (DATA,),
+            lambda c: vi.RWS(num_particles=4, max_plate_nesting=1, capture=c)),
+    "Renyi": (normal_model, normal_guide, (DATA,),
+              lambda c: vi.Renyi(alpha=0.5, num_particles=4, max_plate_nesting=1, capture=c)),
+    "CUBO path": (normal_model, normal_guide, (DATA,),
+                  lambda c: vi.CUBO(num_particles=4, max_plate_nesting=1, capture=c)),
+    "CUBO score": (mixture_model, mixture_guide, (DATA,),
+                   lambda c: vi.CUBO(num_particles=4, max_plate_nesting=1, capture=c)),
+    "ELBO Reinforce MovingAverage": (mixture_model, mixture_guide, (DATA,),
+                                     lambda c: vi.ELBO(max_plate_nesting=1, capture=c)),
+    "ELBO Reinforce Learned": (mixture_model, mixture_guide, (DATA,),
+                               lambda c: vi.ELBO(max_plate_nesting=1, capture=c,
+                                                 estimator={"c": vi.Reinforce(_learned())})),
+    "ELBO graph": (mixture_model, mixture_guide, (DATA,),
+                   lambda c: vi.ELBO(max_plate_nesting=1, rao_blackwellize="graph", capture=c)),
+    "ELBO Enumerate": (mixture_model, mixture_guide, (DATA,),
+                       lambda c: vi.ELBO(max_plate_nesting=1, estimator={"c": vi.Enumerate()},
+                                         capture=c)),
+    "ELBO MVD": (mixture_model, mixture_guide, (DATA,),
+                 lambda c: vi.ELBO(max_plate_nesting=1, estimator={"c": vi.MVD()}, capture=c)),
+    "ELBO RSVI": (mixture_model, mixture_guide, (DATA,),
+                  lambda c: vi.ELBO(max_plate_nesting=1, estimator={"p": vi.RSVI(boost=1)},
+                                    capture=c)),
+    "@objective": (normal_model, normal_guide, (DATA,),
+                   lambda c: vi.objective(iwae_program, num_particles=4, vectorize_particles=True,
+                                          max_plate_nesting=1, capture=c)),
+    "HVI": (hier_model, hier_guide, (H,), lambda c: vi.HVI(["z"], prior_reverse, capture=c)),
+    "IWHVI": (hier_model, hier_guide, (H,),
+              lambda c: vi.IWHVI(["z"], prior_reverse, num_inner=5, capture=c)),
+    "DIWHVI": (hier_model, hier_guide, (H,),
+               lambda c: vi.DIWHVI(["z"], prior_reverse, num_inner=5, num_particles=4,
+                                   capture=c)),
+}
 
-    def run_coin(**kw):
+
+def _params():
+    return {k: v.detach().clone() for k, v in pyro.get_param_store().items()}
+
+
+def _svi_run(model, guide, args, obj, num_steps=6, kwargs=None, lr=0.05):
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    svi = pyro.infer.SVI(model, guide, pyro.optim.Adam({"lr": lr}), obj)
+    losses = [svi.step(*args, **(kwargs or {})) for _ in range(num_steps)]
+    return losses, _params()
+
+
+def _graphs(obj):
+    return [g for g in obj.captured.graphs.values() if isinstance(g, Graph)]
+
+
+def _assert_identical(eager, captured):
+    (le, pe), (lc, pc) = eager, captured
+    assert le == lc
+    assert pe.keys() == pc.keys()
+    for k in pe:
+        assert torch.equal(pe[k], pc[k]), k
+
+
+# ----------------------------------------------------------------------------- captured == eager
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_captured_equals_eager(case, caplog):
+    """Six SVI steps from the same seed: identical losses and parameters (bit for bit), and the
+    steps after set-up ran the captured graph (no fallback)."""
+    model, guide, args, make = CASES[case]
+    eager = _svi_run(model, guide, args, make(False))
+    obj = make(True)
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        captured = _svi_run(model, guide, args, obj)
+    _assert_identical(eager, captured)
+    assert _graphs(obj), f"{case}: nothing was captured"
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_stateful_objects_follow_eager():
+    """MovingAverage baselines and CUBO's running constant carry the same state as eager."""
+    states = []
+    for capture in (False, True):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(1)
+        ma = vi.MovingAverage(0.8)
+        cubo = vi.CUBO(num_particles=4, max_plate_nesting=1, max_exponent=0.5, capture=capture)
+        elbo = vi.ELBO(max_plate_nesting=1, estimator={"c": vi.Reinforce(ma)}, capture=capture)
+        for _ in range(6):
+            elbo.loss_and_grads(mixture_model, mixture_guide, DATA)
+            cubo.loss_and_grads(normal_model, normal_guide, DATA)
+        states.append((dict(ma.state), cubo.shift.clone(), cubo.num_rescaled))
+    (ma0, shift0, n0), (ma1, shift1, n1) = states
+    assert ma0.keys() == ma1.keys() == {"c"}
+    assert torch.equal(ma0["c"], ma1["c"])
+    assert torch.equal(shift0, shift1)
+    assert n0 == n1 > 0  # the overflow guard fired (max_exponent=0.5), counted without a branch
+
+
+def test_autonormal_flow_guide_with_tied_parameters():
+    """AutoNormalizingFlow (nn.Module transforms, a parameter registered under two names):
+    STL steps identical to eager."""
+    spec = models.get("gaussian_conjugate")
+
+    def flow(dim):
+        return T.ComposeTransformModule([T.affine_coupling(dim, hidden_dims=[8]),
+                                         T.Permute(torch.arange(dim).flip(0))])
+
+    runs = []
+    for capture in (False, True):
         pyro.set_rng_seed(0)
-        coin = CoinSVGD(lasso, num_particles=10, **kw)
-        coin.run(6, X, y, progress=False)
-        return coin.get_particles(), coin
-
-    eager, _ = run_coin(capture="off")
-    captured, coin = run_coin()
-    assert set(coin.potential.capture_info.values()) == {"script"}
-    assert torch.equal(captured, eager)
+        guide = AutoNormalizingFlow(spec.model, partial(flow))
+        obj = vi.ELBO(num_particles=4, vectorize_particles=True, path_gradient=True,
+                      max_plate_nesting=1, capture=capture)
+        runs.append(_svi_run(spec.model, guide, spec.args, obj, num_steps=4,
+                             kwargs=spec.kwargs))
+    _assert_identical(*runs)
 
 
-def test_new_data_of_the_same_shape_reuse_the_graph_without_stale_values():
-    """The model's tensors are graph inputs: a potential re-pointed at new data (as CoinSVGD
-    does for new step arguments) reuses the captured graph with the new values."""
-    X, y = _regression_data()
-    pot = Potential(regression, (X, y))
-    z = pot.initial_params(2)
-    idx = pot.draw_indices(2, torch.Generator().manual_seed(0))
-    pot.value_and_grad(z, idx)
-    pot.value_and_grad(z, idx)  # second use: captured
-    assert list(pot.capture_info.values()) == ["script"]
-    other = copy.copy(pot)
-    X2, y2 = _regression_data(seed=1)
-    other.model_args = (X2, y2)
-    got = other.value_and_grad(z, idx)
-    ref = Potential(regression, (X2, y2), capture="off").value_and_grad(z, idx)
-    assert len(pot.capture_info) == 1  # the same graph served the new data
-    assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+class BayesianRegression(PyroModule):
+    """Pyro's Bayesian regression tutorial model (PyroModule + PyroSample)."""
+
+    def __init__(self, in_features):
+        super().__init__()
+        self.linear = PyroModule[nn.Linear](in_features, 1)
+        self.linear.weight = PyroSample(dist.Normal(0.0, 1.0).expand([1, in_features]).to_event(2))
+        self.linear.bias = PyroSample(dist.Normal(0.0, 10.0).expand([1]).to_event(1))
+
+    def forward(self, x, y=None):
+        sigma = pyro.sample("sigma", dist.Uniform(0.0, 10.0))
+        mean = self.linear(x).squeeze(-1)
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("obs", dist.Normal(mean, sigma), obs=y)
+        return mean
 
 
-# ------------------------------------------------------------------ row gathers
-def test_row_gathers_run_as_index_select():
-    X, y = _regression_data()
-    pot = Potential(regression, (X, y))
-    z = pot.initial_params(3)
-    idx = pot.draw_indices(3, torch.Generator().manual_seed(0))
-    fn = pot.capture(z, idx)
-    graph = pot.captured_graph(z, idx)
-    ops = [str(n.target) for n in graph.graph_module.graph.nodes]
-    assert graph.num_gathers == 2  # X[idx] and y[idx]
-    assert "aten.index_select.default" in ops and "aten.index.Tensor" not in ops
-    u, g = fn(z, idx)
-    ref = Potential(regression, (X, y), capture="off").value_and_grad(z, idx)
-    assert torch.equal(u, ref[0]) and torch.equal(g, ref[1])
+def test_tutorial_pyromodule_regression():
+    """A model written as in Pyro's tutorials, with an AutoDiagonalNormal guide."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(50, 3, generator=g)
+    y = x @ torch.tensor([1.0, -2.0, 0.5]) + 0.3 * torch.randn(50, generator=g)
+    runs = []
+    for capture in (False, True):
+        pyro.set_rng_seed(0)
+        model = BayesianRegression(3)
+        guide = AutoDiagonalNormal(model)
+        runs.append(_svi_run(model, guide, (x, y), vi.ELBO(capture=capture), num_steps=8))
+    _assert_identical(*runs)
 
 
-def test_capture_utility_directly():
-    """mcmc.capture on a plain function: gathers by trusted indices become index_select,
-    values match, and a function that reads a tensor value is refused with the line."""
-    X = torch.randn(50, 4)
-
-    def f(w, idx):
-        return ((X[idx] @ w).sigmoid().sum(),)
-
-    w, idx = torch.randn(4), torch.randint(50, (7,))
-    graph = capture(f, [w, idx], gather_inputs=[1])
-    assert graph.num_gathers == 1
-    assert torch.equal(graph(w, idx)[0], f(w, idx)[0])
-
-    def g(w):
-        return (w * w.sum().item(),)
-
-    with pytest.raises(CaptureError, match=r"\.item\(\).*test_capture\.py:\d+ \(`return \(w \* "):
-        capture(g, [w])
+def test_vae_minibatch_steps():
+    """The zoo VAE (pyro.module networks, subsampled plate, nn.Module kwarg): identical to
+    eager, and the minibatch indices are fresh at every step."""
+    runs = []
+    for capture in (False, True):
+        spec = models.get("vae_digits")
+        guide = spec.make_guide()
+        kwargs = dict(spec.kwargs, subsample_size=32)
+        runs.append(_svi_run(spec.model, guide, spec.args, vi.ELBO(max_plate_nesting=1,
+                                                                  capture=capture),
+                             num_steps=5, kwargs=kwargs, lr=1e-3))
+    _assert_identical(*runs)
+    assert len(set(runs[1][0])) == 5  # different minibatches, different losses
 
 
-# ------------------------------------------------------------------ fallbacks, each logged once
-def _item_model(X, y):
-    w = pyro.sample("w", dist.Normal(torch.zeros(3), 1.0).to_event(1))
-    scale = 1.0 + 0.0 * w.norm().item()
-    with pyro.plate("data", X.shape[0]):
-        pyro.sample("y", dist.Normal(X @ w, scale), obs=y)
+def test_loss_and_differentiable_loss_match_eager():
+    eager, captured = vi.ELBO(), vi.ELBO(capture=True)
+    normal_guide(DATA)  # create the parameters
+    leaves = [pyro.param("m").unconstrained(), pyro.param("s").unconstrained()]
+    for _ in range(3):
+        state = torch.get_rng_state()
+        a = captured.loss(normal_model, normal_guide, DATA)
+        torch.set_rng_state(state)
+        assert a == eager.loss(normal_model, normal_guide, DATA)
+        torch.set_rng_state(state)
+        la = captured.differentiable_loss(normal_model, normal_guide, DATA)
+        ga = torch.autograd.grad(2.0 * la, leaves)
+        torch.set_rng_state(state)
+        lb = eager.differentiable_loss(normal_model, normal_guide, DATA)
+        gb = torch.autograd.grad(2.0 * lb, leaves)
+        assert la.item() == lb.item()
+        assert all(torch.equal(u, v) for u, v in zip(ga, gb))
+    assert {k[0] for k, g in captured.captured.graphs.items() if isinstance(g, Graph)} == \
+        {"loss", "diff"}
 
 
-def _branch_model(X, y):
-    w = pyro.sample("w", dist.Normal(torch.zeros(3), 1.0).to_event(1))
-    if w.sum() > 100:
-        w = w.clamp(-10, 10)
-    with pyro.plate("data", X.shape[0]):
-        pyro.sample("y", dist.Normal(X @ w, 1.0), obs=y)
+def test_backends_agree():
+    """"fx" is bit-identical to eager like "script" (the default)."""
+    model, guide, args, _ = CASES["ELBO Reinforce MovingAverage"]
+    eager = _svi_run(model, guide, args, vi.ELBO(max_plate_nesting=1))
+    obj = vi.ELBO(max_plate_nesting=1, capture="fx")
+    _assert_identical(eager, _svi_run(model, guide, args, obj))
+    assert {g.backend for g in _graphs(obj)} == {"fx"}
 
 
-def _mask_model(X, y):
-    w = pyro.sample("w", dist.Normal(torch.zeros(3), 1.0).to_event(1))
-    keep = y > -100.0  # all rows, but a data-dependent number of them
-    with pyro.plate("data", int(X.shape[0])):
-        pyro.factor("lik", dist.Normal(X[keep] @ w, 1.0).log_prob(y[keep]).sum() / X.shape[0])
+def test_new_parameters_and_cleared_store_set_up_again():
+    obj = vi.ELBO(capture=True)
+    for _ in range(3):
+        obj.loss_and_grads(normal_model, normal_guide, DATA)
+    (g,) = _graphs(obj)
+    pyro.clear_param_store()  # new parameter tensors: the graph must not use the old ones
+    eager = vi.ELBO()
+    pyro.set_rng_seed(3)
+    a = [obj.loss_and_grads(normal_model, normal_guide, DATA) for _ in range(3)]
+    pa = _params()
+    pyro.clear_param_store()
+    pyro.set_rng_seed(3)
+    b = [eager.loss_and_grads(normal_model, normal_guide, DATA) for _ in range(3)]
+    assert a == b
+    assert all(torch.equal(pa[k], v) for k, v in _params().items())
+    (g2,) = _graphs(obj)
+    assert g2 is not g
 
 
-def _param_model(X, y):
-    w = pyro.sample("w", dist.Normal(torch.zeros(3), 1.0).to_event(1))
-    sigma = pyro.param("sigma", torch.tensor(1.0), constraint=dist.constraints.positive)
-    with pyro.plate("data", X.shape[0]):
-        pyro.sample("y", dist.Normal(X @ w, sigma), obs=y)
+class Model:
+    """Model and guide as bound methods: a new method object at every attribute access."""
+
+    def model(self, x):
+        normal_model(x)
+
+    def guide(self, x):
+        normal_guide(x)
 
 
-def _random_model(X, y):
-    w = pyro.sample("w", dist.Normal(torch.zeros(3), 1.0).to_event(1))
-    jitter = 1e-12 * torch.randn(())
-    with pyro.plate("data", X.shape[0]):
-        pyro.sample("y", dist.Normal(X @ w + jitter, 1.0), obs=y)
+def test_bound_methods_and_copies():
+    m, obj = Model(), vi.ELBO(capture=True)
+    for _ in range(5):
+        obj.loss_and_grads(m.model, m.guide, DATA)
+    assert len(obj.captured.graphs) == 1 and len(_graphs(obj)) == 1
+    clone = copy.deepcopy(obj)  # graphs are not copied: the copy sets up again
+    assert clone.captured.graphs == {} and clone.capture == "script"
+    clone.loss_and_grads(m.model, m.guide, DATA)
 
 
-@pytest.mark.parametrize("model, reason", [
-    (_item_model, (r"\.item\(\) \(a tensor value read in Python\) at test_capture\.py:\d+ "
-                  r"\(`scale = 1\.0 \+ 0\.0 \* w\.norm\(\)\.item\(\)`\)")),
-    (_branch_model, (r"Python control flow on a tensor value at test_capture\.py:\d+ "
-                    r"\(`if w\.sum\(\) > 100:`\)")),
-    (_mask_model, (r"data-dependent shapes \(__getitem__\) at test_capture\.py:\d+ "
-                  r"\(`pyro\.factor\(")),
-    (_param_model, r"pyro\.param site\(s\) \['sigma'\] are not lifted"),
-    (_random_model, (r"random numbers drawn inside the function \(randn\) at "
-                    r"test_capture\.py:\d+")),
-])
-def test_capture_falls_back_to_eager_with_one_log_line(model, reason, caplog):
-    X, y = _regression_data(n=40)
-    pot = Potential(model, (X, y))
-    ref = Potential(model, (X, y), capture="off")
-    z = pot.initial_params(1)
-    with caplog.at_level(logging.INFO, logger="mcmc.potential"):
-        for _ in range(4):
-            u, g = pot.value_and_grad(z)
-            if model is not _random_model:
-                u0, g0 = ref.value_and_grad(z)
-                assert torch.equal(u, u0) and torch.equal(g, g0)
-    lines = [r.getMessage() for r in caplog.records if "capture is not possible" in r.getMessage()]
-    assert len(lines) == 1, lines
-    assert lines[0].startswith(f"model '{model.__name__}': the potential is evaluated eagerly")
-    import re
-
-    assert re.search(reason, lines[0]), lines[0]
-    assert next(iter(pot.capture_info.values())).startswith("eager: ")
-    # the sampler still runs (eagerly) and its block steps are off, logged once by the driver
-    with caplog.at_level(logging.INFO, logger="mcmc.chains"):
-        SGLD(model, step_size=1e-3, seed=0, block_size=4).sample_chains(
-            8, num_chains=2, model_args=(X, y), progress=False)
-    blocks = [r for r in caplog.records if r.name == "mcmc.chains"]
-    assert len(blocks) == 1 and "block steps are off" in blocks[0].getMessage()
+# ----------------------------------------------------------------------------- fallbacks
 
 
-# ------------------------------------------------------------------ NaN handling under capture
-def test_nonfinite_detection_is_unchanged_by_capture_and_blocks():
-    """The same error (iteration, chains, sites) with or without capture and blocks; with
-    step halving, blocks that hit NaN are replayed step by step and the draws match."""
-    X, y = _regression_data()
-    errors = []
-    for opts in ({"capture": "off"}, {"block_size": 1}, {"block_size": 6}):
-        with pytest.raises(FloatingPointError) as info:
-            _draws(SGLD, regression, (X, y), step_size=3.0, **opts)
-        errors.append(str(info.value))
-    assert errors[0] == errors[1] == errors[2]
-    assert "non-finite" in errors[0] and "iteration" in errors[0]
-    halve = {"step_size": 0.02, "on_nonfinite": "halve"}
-    eager, k0 = _draws(SGLD, regression, (X, y), capture="off", **halve)
-    blocked, k1 = _draws(SGLD, regression, (X, y), block_size=6, **halve)
-    assert k0.driver.num_halvings > 0
-    assert k1.driver.num_halvings == k0.driver.num_halvings
-    assert torch.equal(blocked, eager)
+def _item_guide(x):
+    m = pyro.param("m", torch.tensor(0.0))
+    s = pyro.param("s", torch.tensor(1.0), constraint=constraints.positive)
+    if m > 0.5:  # Python control flow on a tensor value
+        s = 2 * s
+    pyro.sample("mu", dist.Normal(m, s))
 
 
-# ------------------------------------------------------------------ options
-def test_bad_capture_and_block_size_options_are_clear_errors():
-    with pytest.raises(ValueError, match=r"SGLD\(\.\.\., capture='jit'\): capture must be one"):
-        SGLD(regression, capture="jit")
-    with pytest.raises(ValueError, match=r"SGLD\(\.\.\., block_size=0\): block_size must be"):
-        SGLD(regression, block_size=0)
-    with pytest.raises(ValueError, match=r"CoinSVGD\(\.\.\., capture=3\)"):
-        CoinSVGD(regression, capture=3)
+def _mask_model(x):
+    mu = pyro.sample("mu", dist.Normal(0.0, 2.0))
+    kept = x[x > -5.0]  # value-dependent shape
+    with pyro.plate("data", kept.shape[0]):
+        pyro.sample("x", dist.Normal(mu, 1.0), obs=kept)
 
 
-@pytest.mark.slow
-def test_inductor_backend_matches_eager_to_rounding():
-    """Opt-in TorchInductor (seconds of compilation): fused kernels round differently, so the
-    potential matches eager to float rounding, not bit for bit."""
-    X, y = _regression_data()
-    pot = Potential(regression, (X, y), capture="inductor")
-    z = pot.initial_params(2)
-    idx = pot.draw_indices(2, torch.Generator().manual_seed(0))
-    fn = pot.capture(z, idx)
-    u, g = fn(z, idx)
-    u0, g0 = Potential(regression, (X, y), capture="off").value_and_grad(z, idx)
-    torch.testing.assert_close(u, u0, rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(g, g0, rtol=1e-5, atol=1e-4)
-    graph = pot.captured_graph(z, idx)
-    assert graph.backend == "inductor" or graph.notes
+_NET = nn.Linear(1, 1)
+
+
+def _net_model(x):
+    mu = pyro.sample("mu", dist.Normal(0.0, 2.0))
+    with pyro.plate("data", x.shape[0]):
+        shift = _NET(x.unsqueeze(-1)).squeeze(-1)  # not registered with pyro.module
+        pyro.sample("x", dist.Normal(mu + shift, 1.0), obs=x)
+
+
+class LastSignal(vi.Baseline):
+    """A user baseline with Python state that is not declared as carried state."""
+
+    def __init__(self):
+        self.last = None
+
+    def __call__(self, site, signal, info):
+        b = torch.zeros_like(signal) if self.last is None else self.last.expand_as(signal)
+        self.last = signal.mean()
+        return b
+
+
+_LAST = LastSignal()
+
+
+def _stateful_baseline_guide(x):
+    m = pyro.param("m", torch.tensor(0.0))
+    pyro.sample("mu", dist.Normal(m, 1.0), infer={"estimator": vi.Reinforce(_LAST)})
+
+
+FALLBACKS = {
+    "item": (normal_model, _item_guide, lambda: DATA, "control flow on a tensor value"),
+    "mask": (_mask_model, normal_guide, lambda: DATA, "boolean mask"),
+    "module": (_net_model, normal_guide, lambda: DATA, "not in the param store"),
+    "baseline": (normal_model, _stateful_baseline_guide, lambda: DATA,
+                 "LastSignal keeps Python state"),
+    "grad arg": (normal_model, normal_guide, lambda: DATA.clone().requires_grad_(),
+                 "requires grad"),
+}
+
+
+@pytest.mark.parametrize("case", list(FALLBACKS))
+def test_fallback_is_logged_once_and_stays_eager(case, caplog):
+    model, guide, data, why = FALLBACKS[case]
+    x = data()
+    _LAST.last = None
+    pyro.set_rng_seed(0)
+    eager = [vi.ELBO().loss_and_grads(model, guide, x) for _ in range(4)]
+    pe = _params()
+    pyro.clear_param_store()
+    _LAST.last = None
+    pyro.set_rng_seed(0)
+    obj = vi.ELBO(capture=True)
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        captured = [obj.loss_and_grads(model, guide, x) for _ in range(4)]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert why in warnings[0] and "running this step eagerly" in warnings[0]
+    assert not _graphs(obj)
+    assert captured == eager
+    assert all(torch.equal(pe[k], v) for k, v in _params().items())
+
+
+def test_too_many_signatures(caplog):
+    """A Python number that changes at every step makes new keys; after MAX_GRAPHS of them the
+    steps run eagerly (one log line)."""
+
+    def model(x, scale):
+        mu = pyro.sample("mu", dist.Normal(0.0, scale))
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("x", dist.Normal(mu, 1.0), obs=x)
+
+    def guide(x, scale):
+        normal_guide(x)
+
+    obj = vi.ELBO(capture="fx")
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        for i in range(MAX_GRAPHS + 3):
+            obj.loss_and_grads(model, guide, DATA, 1.0 + i)
+    assert len(_graphs(obj)) == MAX_GRAPHS
+    assert len(caplog.records) == 1 and "argument signatures" in caplog.records[0].getMessage()
+
+
+def test_bad_capture_option():
+    with pytest.raises(ValueError, match="capture must be True, False or one of"):
+        vi.ELBO(capture="jit")
+
+
+# ----------------------------------------------------------------------------- unbiasedness
+
+
+def test_reinforce_moving_average_unbiased_under_capture():
+    """Gamma-Poisson (prior Gamma(1, 1), guide Gamma(a, b)): captured score-function gradients
+    with the auto moving-average baseline (its state lifted into the graph) average to the
+    closed form d/da = (A + 1 - a) psi'(a) - B/b + 1, d/db = -A/b + B a / b^2 - 1/b."""
+    x = torch.tensor([2.0, 0.0, 3.0, 1.0, 4.0], dtype=torch.float64)
+    a0, b0 = 2.5, 1.3
+
+    def model(x):
+        z = pyro.sample("z", dist.Gamma(torch.tensor(1.0, dtype=x.dtype), 1.0))
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("x", dist.Poisson(z), obs=x)
+
+    def guide(x):
+        a = pyro.param("a", torch.tensor(a0, dtype=x.dtype), constraint=constraints.positive)
+        b = pyro.param("b", torch.tensor(b0, dtype=x.dtype), constraint=constraints.positive)
+        pyro.sample("z", dist.Gamma(a, b), infer={"estimator": vi.Reinforce()})
+
+    obj = vi.ELBO(max_plate_nesting=1, capture=True)
+    n = 4000
+    grads = torch.empty(n, 2, dtype=torch.float64)
+    for i in range(n):
+        obj.loss_and_grads(model, guide, x)
+        ua, ub = pyro.param("a").unconstrained(), pyro.param("b").unconstrained()
+        # positive params are exp(u): d/da = d/du / a
+        grads[i] = -torch.stack([ua.grad / a0, ub.grad / b0])
+        ua.grad, ub.grad = None, None
+    assert _graphs(obj) and any(g.carriers for g in _graphs(obj))
+    A, B = x.sum().item(), x.shape[0] + 1
+    psi1 = torch.polygamma(1, torch.tensor(a0, dtype=torch.float64)).item()
+    exact = torch.tensor([(A + 1 - a0) * psi1 - B / b0 + 1,
+                          -A / b0 + B * a0 / b0**2 - 1 / b0], dtype=torch.float64)
+    burn = grads[100:]  # the baseline's first steps average from zero
+    mean, se = burn.mean(0), burn.std(0) / math.sqrt(len(burn))
+    print(f"captured Reinforce+MovingAverage: mean {mean.tolist()} exact {exact.tolist()} "
+          f"se {se.tolist()} var {burn.var(0).tolist()}")
+    assert ((mean - exact).abs() < 4 * se).all()
+
+
+def test_previous_step_coefficient_cv_under_capture():
+    """A program with a previous-step control variate (PreviousStepCoefficient carries its
+    moments through the graph): captured == eager, and the CV'd pathwise gradient of
+    E_q[-(z - 1)^2], q = N(m, 1), stays unbiased for -2 (m - 1) (h = z - m, mean 0)."""
+
+    def guide(x):
+        pyro.sample("mu", dist.Normal(pyro.param("m", torch.tensor(0.2, dtype=torch.float64)),
+                                      1.0))
+
+    def make(capture):
+        coef = vi.PreviousStepCoefficient(decay=0.9)
+
+        @vi.objective(num_particles=8, vectorize_particles=True, max_plate_nesting=0,
+                      capture=capture)
+        def program(model, guide, x):
+            with vi.particles():
+                trace, _ = vi.sim(guide, x)
+            z = trace.nodes["mu"]["value"]
+            m = pyro.param("m")
+            h = (z - m).detach()  # the control variate, E h = 0
+            g = (-2.0 * (z - 1.0)).detach()  # each particle's gradient of f
+            c = coef.coefficient(g)  # from previous steps only
+            coef.update(g, h)
+            # zero-valued term whose gradient is -c h: the gradient is g - c (h - E h)
+            return -((z - 1.0) ** 2) - c * h * (m - m.detach())
+
+        return program, coef
+
+    x = torch.zeros(1, dtype=torch.float64)
+    runs = []
+    for capture in (False, True):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(0)
+        program, coef = make(capture)
+        g = []
+        for _ in range(300):
+            program.loss_and_grads(None, guide, x)
+            u = pyro.param("m").unconstrained()
+            g.append(-u.grad.item())
+            u.grad = None
+        runs.append((g, coef.get_state(), program))
+    (g0, s0, _), (g1, s1, program) = runs
+    assert _graphs(program) and _graphs(program)[0].carriers
+    assert g0 == g1
+    assert s0.keys() == s1.keys() and all(torch.equal(s0[k], s1[k]) for k in s0)
+    g1 = torch.tensor(g1, dtype=torch.float64)
+    mean, se = g1.mean(), g1.std() / math.sqrt(len(g1))
+    print(f"PreviousStepCoefficient CV: mean {mean:.6f} exact 1.6 se {se:.3g} var {g1.var():.3g} "
+          f"(first step, no CV yet: {g0[0]:.3f})")
+    assert abs(mean - 1.6) < 4 * se + 1e-9
+    assert g1[10:].var() < 1e-6  # h is exactly the noise of g: the CV removes it
+
+
+# ----------------------------------------------------------------------------- CapturedSVI
+
+
+def _logistic():
+    spec = models.get("logistic_regression", with_reference=False)
+    return spec, AutoNormal(spec.model)
+
+
+def test_captured_svi_equals_eager_loop_with_the_same_fused_optimizer():
+    spec, guide = _logistic()
+    obj = vi.ELBO(max_plate_nesting=1)
+    pyro.set_rng_seed(0)
+    opt, losses = None, []
+    for i in range(12):
+        if i == 7:
+            opt.param_groups[0]["lr"] = 0.003
+        losses.append(obj.loss_and_grads(spec.model, guide, *spec.args, **spec.kwargs))
+        params = [p for _, p in pyro.get_param_store().named_parameters()]
+        opt = opt or torch.optim.Adam(params, lr=0.01, fused=True)
+        opt.step()
+        for p in params:
+            p.grad = None
+    eager = (losses, _params())
+
+    pyro.clear_param_store()
+    spec, guide = _logistic()
+    pyro.set_rng_seed(0)
+    svi = vi.CapturedSVI(spec.model, guide, pyro.optim.Adam({"lr": 0.01}),
+                         vi.ELBO(max_plate_nesting=1, capture=True))
+    losses = [svi.step(*spec.args, **spec.kwargs) for _ in range(4)]
+    losses += svi.run(3, *spec.args, **spec.kwargs).tolist()
+    svi.optimizer.param_groups[0]["lr"] = 0.003  # a schedule: the update graph is rebuilt
+    losses += svi.run(5, *spec.args, **spec.kwargs).tolist()
+    _assert_identical(eager, (losses, _params()))
+    assert len(svi._updates) == 2
+
+
+def test_captured_svi_close_to_pyro_svi():
+    """Against pyro.infer.SVI + pyro.optim.Adam (per-parameter, unfused Adam): float rounding."""
+    runs = []
+    for cls in (pyro.infer.SVI, vi.CapturedSVI):
+        pyro.clear_param_store()
+        spec, guide = _logistic()
+        pyro.set_rng_seed(0)
+        svi = cls(spec.model, guide, pyro.optim.Adam({"lr": 0.01}),
+                  vi.ELBO(max_plate_nesting=1, capture=True))
+        losses = [svi.step(*spec.args, **spec.kwargs) for _ in range(20)]
+        runs.append((losses, _params()))
+    (l0, p0), (l1, p1) = runs
+    assert l0 == pytest.approx(l1, rel=1e-5)
+    for k in p0:
+        assert torch.allclose(p0[k], p1[k], rtol=1e-5, atol=1e-6)
+
+
+def test_captured_svi_unfused_optimizer_runs_like_pyro(caplog):
+    runs = []
+    with caplog.at_level(logging.WARNING, logger="vi_estimators.svi"):
+        for cls in (pyro.infer.SVI, vi.CapturedSVI):
+            pyro.clear_param_store()
+            pyro.set_rng_seed(0)
+            svi = cls(normal_model, normal_guide, pyro.optim.ClippedAdam({"lr": 0.05}),
+                      vi.ELBO(capture=True))
+            runs.append(([svi.step(DATA) for _ in range(6)], _params()))
+    _assert_identical(*runs)
+    assert len(caplog.records) == 1 and "ClippedAdam" in caplog.records[0].getMessage()
+
+
+def test_captured_svi_detects_non_finite_losses():
+    x = DATA.clone()
+    svi = vi.CapturedSVI(normal_model, normal_guide, pyro.optim.Adam({"lr": 0.01}),
+                         vi.ELBO(capture=True), check_every=4)
+    svi.run(6, x)
+    assert svi.loss.captured.gradients(normal_model, normal_guide, (x,), {}) is not None
+    x[3] = float("nan")  # same tensor: the captured graph runs
+    with pytest.raises(ValueError, match="non-finite objective value at step 0"):
+        svi.run(10, x)
+    with pytest.raises(ValueError, match="non-finite objective value"):
+        svi.step(x)
+
+
+def test_captured_svi_argument_checks():
+    with pytest.raises(ValueError, match="capture=True"):
+        vi.CapturedSVI(normal_model, normal_guide, pyro.optim.Adam({"lr": 0.01}), vi.ELBO())
+    with pytest.raises(TypeError, match="PyroOptim"):
+        vi.CapturedSVI(normal_model, normal_guide, torch.optim.Adam, vi.ELBO(capture=True))
+    with pytest.raises(TypeError, match="vi_estimators objective"):
+        vi.CapturedSVI(normal_model, normal_guide, pyro.optim.Adam({"lr": 0.01}),
+                       pyro.infer.Trace_ELBO())
+
+
+# ----------------------------------------------------------------------------- CUDA
+
+
+@pytest.mark.cuda
+def test_captured_equals_eager_on_cuda():
+    """On a GPU: "fx" runs the eager kernels (bit for bit); "script" may fuse elementwise ops
+    after profiling (float rounding)."""
+    spec = models.get("logistic_regression", with_reference=False, device="cuda")
+    runs = {}
+    for capture in (False, "fx", "script"):
+        guide = AutoNormal(spec.model)
+        obj = vi.ELBO(max_plate_nesting=1, capture=capture)
+        runs[capture] = _svi_run(spec.model, guide, spec.args, obj, num_steps=6,
+                                 kwargs=spec.kwargs)
+        assert capture is False or _graphs(obj)
+    _assert_identical(runs[False], runs["fx"])
+    (l0, p0), (l1, p1) = runs[False], runs["script"]
+    assert l0 == pytest.approx(l1, rel=1e-5)
+    assert all(torch.allclose(p0[k], p1[k], rtol=1e-5, atol=1e-6) for k in p0)

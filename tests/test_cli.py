@@ -65,7 +65,9 @@ def test_help_lists_choices_and_method_options():
                  "--warmup-steps"):
         assert name in flat
     proc = pyroforge("run", "gamma_poisson", "--method", "sgld", "--help")
-    assert "step_size (float > 0; default 0.1 / lambda_max at the mode)" in proc.stdout
+    assert ("step_size (float > 0; default min(0.1 / lambda_max, 0.5 / (lambda_max + V)) at the "
+            "mode" in proc.stdout)
+    assert "precondition (one of auto, laplace, none; default 'auto')" in proc.stdout
     assert "num_chains (integer >= 1; default 4)" in proc.stdout
     proc = pyroforge("list", "--method", "elbo")
     assert proc.returncode == 0

@@ -115,14 +115,27 @@ def test_coin_betting_as_pyro_optim_makes_pyro_svgd_coin_svgd():
 
 # ------------------------------------------------------------------ Coin SVGD on a Gaussian
 @pytest.mark.slow
-def test_coin_svgd_matches_tuned_svgd_and_beats_badly_tuned():
-    """KSD of Coin SVGD (no learning rate) vs SVGD with Adagrad/Adam over a learning-rate grid."""
+@pytest.mark.parametrize("setting", ["paper", "defaults"])
+def test_coin_svgd_matches_tuned_svgd_and_beats_badly_tuned(setting):
+    """KSD of Coin SVGD (no learning rate) vs SVGD with Adagrad/Adam over a learning-rate grid,
+    every optimizer on the same SVGD direction field.
+
+    ``"paper"``: the paper's setting (model coordinates, Liu-Wang bandwidth): coin betting is
+    within 10 % of the best tuned learning rate. ``"defaults"``: the package's defaults (Laplace
+    whitening with warm-up re-fits, median bandwidth) for every optimizer: coin betting is then
+    further from the best tuned rate (measured 0.186 vs Adam(0.1) 0.131 at 400 steps; coin needs
+    ~3200 steps to reach 0.13 -- its restarts during warm-up cost it the head start), but still
+    far better than a badly tuned one."""
     n, steps = 50, 400
     x0 = far_start(n)
     pot = gauss_potential()
 
     def run(optim):
-        s = CoinSVGD(pot, num_particles=n, initial_particles=x0, optim=optim)
+        if setting == "paper":
+            s = CoinSVGD(pot, RBFKernel(median_rule="liu_wang"), num_particles=n,
+                         initial_particles=x0, optim=optim, precondition=None)
+        else:
+            s = CoinSVGD(pot, num_particles=n, initial_particles=x0, optim=optim)
         s.run(steps)
         return s.ksd()
 
@@ -133,9 +146,9 @@ def test_coin_svgd_matches_tuned_svgd_and_beats_badly_tuned():
     for lr in (0.03, 0.1, 0.3, 1.0):
         grid[f"adam {lr}"] = run(lambda p, lr=lr: torch.optim.Adam(p, lr=lr))
     best = min(grid, key=grid.get)
-    print(f"KSD coin {coin:.4f}; best {best} {grid[best]:.4f}; grid "
+    print(f"{setting}: KSD coin {coin:.4f}; best {best} {grid[best]:.4f}; grid "
           + ", ".join(f"{k}: {v:.4f}" for k, v in grid.items()))
-    assert coin <= 1.10 * grid[best]
+    assert coin <= (1.10 if setting == "paper" else 1.5) * grid[best]
     # A poor (too small) learning rate has not converged in the same number of steps.
     assert grid["adagrad 0.1"] > 10 * coin
     assert grid["adam 0.03"] > 1.5 * coin
@@ -227,7 +240,7 @@ def test_pyro_kernel_direction_matches_pyro_svgd_step(mode):
     svgd.step()
     z1 = pyro.param("svgd_particles").unconstrained().detach().reshape(20, 2)
     ours = CoinSVGD(one_site, RBFSteinKernel(), 20, 0, mode=mode, initial_particles=z0,
-                    optim=lambda p: torch.optim.SGD(p, lr=1.0))
+                    optim=lambda p: torch.optim.SGD(p, lr=1.0), precondition=None)
     ours.step()
     torch.testing.assert_close(ours.get_particles(), z1)
 
@@ -278,7 +291,8 @@ def test_non_finite_gradient_names_particle_and_site():
 
     z0 = torch.zeros(5, 2, **F64)
     z0[3, 0] = 3.0
-    s = CoinSVGD(model, num_particles=5, max_plate_nesting=0, initial_particles=z0)
+    s = CoinSVGD(model, num_particles=5, max_plate_nesting=0, initial_particles=z0,
+                 precondition=None)
     with pytest.raises(FloatingPointError, match=r"iteration 0.*particle\(s\) \[3\].*'a'"):
         s.step()
 

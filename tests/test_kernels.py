@@ -131,8 +131,12 @@ def test_median_heuristic():
     x, _ = _problem(n=40, d=2)
     med = torch.pdist(x).pow(2).median()
     assert median_sq_distance(x) == med
-    torch.testing.assert_close(RBFKernel().bandwidth_sq(x), med / (2 * math.log(41)))
+    torch.testing.assert_close(RBFKernel().bandwidth_sq(x), med)
+    torch.testing.assert_close(RBFKernel(median_rule="liu_wang").bandwidth_sq(x),
+                               med / (2 * math.log(41)))
     torch.testing.assert_close(IMQKernel().bandwidth_sq(x), med)
+    with pytest.raises(ValueError, match="median_rule must be 'median' or 'liu_wang'"):
+        RBFKernel(median_rule="silverman")
     # Large n: a deterministic strided subset (same answer twice, close to the full median).
     big = torch.randn(3000, 2, dtype=torch.float64)
     m1, m2 = median_sq_distance(big, 500), median_sq_distance(big, 500)
@@ -169,3 +173,23 @@ def test_bad_inputs():
         kernel_stein_discrepancy(x, score, statistic="w")
     with pytest.raises(ValueError, match="chunk_size"):
         svgd_direction(x, score, chunk_size=0)
+
+
+def test_median_rule_keeps_svgd_spread_in_ten_dimensions():
+    """SVGD's fixed point on N(0, I_10) with 100 particles: the Liu-Wang bandwidth
+    med / (2 log(n + 1)) collapses the spread (Ba et al. 2022); l^2 = med keeps it (measured
+    particle sds: 0.66 vs 0.985 at d = 10; 0.89 vs 0.99 at d = 4; 0.43 vs 0.98 at d = 20)."""
+    from mcmc.coin import FunctionPotential
+    from mcmc.coin_svgd import CoinSVGD
+
+    d, n = 10, 100
+    pot = FunctionPotential(lambda x: -0.5 * x.pow(2).sum(-1), d)
+    x0 = torch.randn(n, d, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    sds = {}
+    for rule in ("median", "liu_wang"):
+        s = CoinSVGD(pot, RBFKernel(median_rule=rule), num_particles=n, initial_particles=x0,
+                     precondition=None)
+        sds[rule] = s.run(300).std(0)
+    print({k: (round(float(v.min()), 3), round(float(v.max()), 3)) for k, v in sds.items()})
+    assert (sds["median"] - 1).abs().max() < 0.05
+    assert sds["liu_wang"].max() < 0.75

@@ -78,24 +78,25 @@ def test_iwae_example_bound_is_tight():
     assert isinstance(ns["loss"], ns["vi"].ELBO)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "SGLD has no model-derived default step size yet (issue 14, sampler phase): the README's "
-    "step_size=1e-3 leaves the logistic-regression posterior off by ~0.5 sd with sd ratio "
-    "~0.45; the example drops step_size once SGLD chooses it from the model"))
 def test_sgld_example_matches_reference():
-    ns = run_block(block_with("SGLD("))
-    error, log_sd = sampler_errors(ns["spec"], ns["mcmc"].get_samples())
+    """SGLD with its defaults (step size and Laplace preconditioner from the model), 16 chains:
+    measured over seeds 0-3, RMS mean error 0.03-0.04 sd, sd ratios within ~5 % (RMS of logs),
+    split R-hat <= 1.02, bulk ESS >= 1100 -- and its end-of-run check says so."""
+    ns = run_block(block_with("SGLD(spec.model"))
+    error, log_sd = sampler_errors(ns["spec"], ns["draws"])
     assert error <= 0.2 and log_sd <= math.log(1.25), (error, math.exp(log_sd))
+    assert ns["kernel"].convergence.ok, ns["kernel"].convergence.summary
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "CoinSVGD with 100 particles under-disperses on the 31-dim logistic regression (sd ratios "
-    "0.3-0.7; means are fine); sampler side"))
 def test_coin_svgd_example_matches_reference():
+    """Coin SVGD with its defaults (Laplace-whitened particles, median bandwidth): 100 particles
+    on the 31-dimensional logistic regression keep the spread (sd ratios 0.93-1.01 measured;
+    with the paper's setting -- model coordinates, Liu-Wang bandwidth -- 0.3-0.7)."""
     ns = run_block(block_with("CoinSVGD("))
     error, log_sd = sampler_errors(ns["spec"], ns["particles"])
-    assert error <= 0.2, error  # the means are right (RMS ~0.14 sd) ...
-    assert log_sd <= math.log(1.25), math.exp(log_sd)  # ... the spread is not
+    assert error <= 0.2, error
+    assert log_sd <= math.log(1.25), math.exp(log_sd)
+    assert ns["coin"].convergence.ok, ns["coin"].convergence.summary
 
 
 @pytest.mark.xfail(strict=True, reason=(

@@ -9,8 +9,9 @@ import scipy.linalg
 import torch
 
 from mcmc.diagnostics import to_inference_data
+from mcmc.laplace import find_mode
 from mcmc.schedules import ConstantSchedule, CyclicalSchedule, PolynomialSchedule, as_schedule
-from mcmc.sgld import CVSGLD, SGLD, cv_gradient, find_mode, pSGLD, psgld_step, sgld_step
+from mcmc.sgld import CVSGLD, SGLD, cv_gradient, pSGLD, psgld_step, sgld_step
 
 # ---------------------------------------------------------------- a linear-Gaussian target
 N, B = 100, 10

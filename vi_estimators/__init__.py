@@ -9,7 +9,10 @@ Modules (imports go one way, top to bottom):
 * ``stopping``, ``flows``, ``path`` -- stopped parameters, fast flow path gradients, STL/DReG;
 * ``objectives`` -- ELBO, IWELBO, VIMCO, RWS, Renyi, CUBO; ``hierarchical`` -- ``marginal``,
   HVI, IWHVI, DIWHVI;
-* ``control_variates``, ``sliced`` -- control variates and the sliced Wasserstein distance.
+* ``control_variates``, ``sliced`` -- control variates and the sliced Wasserstein distance;
+* ``state`` (bottom layer) -- tensors carried across steps; ``capture`` -- objectives traced once
+  and run as flat graphs (``capture=True``); ``svi`` -- ``CapturedSVI``, SVI steps as captured
+  graphs.
 """
 
 from .baselines import RLOO, Baseline, BaselineInfo, Constant, Learned, MovingAverage
@@ -52,6 +55,7 @@ from .program import (
 )
 from .rejection import RSVI
 from .sliced import sliced_wasserstein
+from .svi import CapturedSVI
 
 __all__ = [
     "CUBO",
@@ -68,6 +72,7 @@ __all__ = [
     "Alternatives",
     "Baseline",
     "BaselineInfo",
+    "CapturedSVI",
     "Constant",
     "DiagQuadraticCV",
     "Enumerate",

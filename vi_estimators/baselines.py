@@ -34,6 +34,8 @@ from typing import Any
 
 import torch
 
+from .state import CarriesState, note
+
 __all__ = [
     "RLOO",
     "Baseline",
@@ -93,11 +95,13 @@ class Constant(Baseline):
         return f"Constant({self.value})"
 
 
-class MovingAverage(Baseline):
+class MovingAverage(Baseline, CarriesState):
     """``b_t = decay * b_{t-1} + (1 - decay) * mean(signal_{t-1})`` per site; ``b_0 = 0``.
 
     The mean is over particles, per plate element (the site's plates are the same elements at
     every step), or over everything when a plate of the site is subsampled or its shape changed.
+    ``state`` (``{site: average}``) is carried by captured objectives as graph inputs/outputs
+    (:mod:`vi_estimators.state`).
     """
 
     def __init__(self, decay: float = 0.9):
@@ -106,7 +110,14 @@ class MovingAverage(Baseline):
         self.decay = decay
         self.state: dict[str, torch.Tensor] = {}
 
+    def get_state(self) -> dict[str, torch.Tensor]:
+        return dict(self.state)
+
+    def set_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.state = dict(state)
+
     def __call__(self, site, signal, info):
+        note(self)
         signal = signal.detach()
         new = signal.mean() if info.subsampled or signal.dim() == 0 else signal.mean(0)
         prev = self.state.get(site)

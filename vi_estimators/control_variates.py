@@ -48,6 +48,7 @@ from collections.abc import Callable
 import torch
 
 from .baselines import loo_mean
+from .state import CarriesState, note
 
 __all__ = [
     "DiagQuadraticCV",
@@ -95,13 +96,16 @@ def _ratio(cov: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
     return cov / var.clamp_min(torch.finfo(var.dtype).tiny)
 
 
-class PreviousStepCoefficient:
+class PreviousStepCoefficient(CarriesState):
     """Optimal CV coefficient from exponentially weighted moments of previous steps.
 
     ``coefficient()`` is computed *before* the current draw is folded in (by :meth:`update`), so
     it is independent of that draw and ``g - c (h - E h)`` stays unbiased. Returns 0 (no CV)
-    until the first update.
+    until the first update. The moments are carried by captured objectives as graph
+    inputs/outputs (:mod:`vi_estimators.state`).
     """
+
+    _MOMENTS = ("mean_g", "mean_h", "mean_gh", "mean_hh")
 
     def __init__(self, decay: float = 0.9, joint: bool = False):
         if not 0.0 <= decay < 1.0:
@@ -109,7 +113,22 @@ class PreviousStepCoefficient:
         self.decay, self.joint = decay, joint
         self._moments: list[torch.Tensor] | None = None
 
+    def get_state(self) -> dict[str, torch.Tensor]:
+        if self._moments is None:
+            return {}
+        return dict(zip(self._MOMENTS, self._moments))
+
+    def set_state(self, state: dict[str, torch.Tensor]) -> None:
+        self._moments = [state[k] for k in self._MOMENTS] if state else None
+
+    @property
+    def moments(self) -> tuple[torch.Tensor, ...] | None:
+        """``(E g, E h, E gh, E hh)`` of the previous steps (``None`` before the first update)."""
+        note(self)
+        return None if self._moments is None else tuple(self._moments)
+
     def coefficient(self, like: torch.Tensor) -> torch.Tensor:
+        note(self)
         if self._moments is None:
             return torch.zeros((), dtype=like.dtype, device=like.device)
         mg, mh, mgh, mhh = self._moments
@@ -119,6 +138,7 @@ class PreviousStepCoefficient:
         return _ratio(cov, var)
 
     def update(self, g: torch.Tensor, h: torch.Tensor, dim: int | None = 0) -> None:
+        note(self)
         g, h = torch.broadcast_tensors(g.detach(), h.detach())
         if dim is None:
             g, h = g.unsqueeze(0), h.unsqueeze(0)
@@ -263,9 +283,10 @@ class DiagQuadraticCV:
     @property
     def coefficients(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The current ``(b, a)`` or ``None`` before the first update."""
-        if self._fit._moments is None:
+        moments = self._fit.moments
+        if moments is None:
             return None
-        mg, md = self._fit._moments[:2]
+        mg, md = moments[:2]
         a = self._fit.coefficient(mg)
         b = mg - a * md
         return b, a

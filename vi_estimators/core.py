@@ -64,6 +64,7 @@ from pyro.util import check_if_enumerated, check_model_guide_match, check_site_s
 
 from .baselines import RLOO, BaselineInfo, MovingAverage
 from .estimators import Alternatives, Estimator, SiteDraw, default_estimator
+from .state import note
 
 __all__ = [
     "PARTICLE_PLATE",
@@ -383,6 +384,7 @@ class Run:
                 f"site {msg['name']!r}: infer['estimator'] must be a vi_estimators Estimator, got "
                 f"{type(est).__name__}"
             )
+        note(est)  # a capture checks that estimators keep no Python state across steps
         return est
 
     # -- frames -------------------------------------------------------------------------------
@@ -839,6 +841,8 @@ def _baseline_for(obj, s: _Signal, num: int, looped: bool):
             "sampled different sites or site shapes, so their signals cannot be paired; use "
             "vectorize_particles=True (models that broadcast) or MovingAverage()"
         )
+    if baseline is not None:
+        note(baseline)  # a capture carries its state or checks that it keeps none
     return baseline
 
 

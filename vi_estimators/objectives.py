@@ -35,6 +35,7 @@ from .path import (
     stopped_log_prob,
 )
 from .program import Objective, density, logmeanexp, particles, sim, with_estimator
+from .state import CarriesState, note
 
 __all__ = ["CUBO", "ELBO", "IWELBO", "RWS", "VIMCO", "ImportanceWeighted", "Renyi"]
 
@@ -176,7 +177,7 @@ class Renyi(ImportanceWeighted):
         return logmeanexp((1.0 - self.alpha) * log_w) / (1.0 - self.alpha)
 
 
-class CUBO(ImportanceWeighted):
+class CUBO(ImportanceWeighted, CarriesState):
     r"""The chi upper bound (Dieng et al. 2017, "Variational inference via chi upper bound
     minimization", NeurIPS): ``CUBO_n = (1/n) log E_q[w^n]``, ``w = p(x, z) / q(z)``, ``n > 1``.
 
@@ -252,7 +253,24 @@ class CUBO(ImportanceWeighted):
         self.decay = float(decay)
         self.max_exponent = float(max_exponent)
         self.shift: torch.Tensor | None = None
-        self.num_rescaled = 0
+        self._rescaled: torch.Tensor | None = None  # count of rescaled steps (no host sync)
+
+    @property
+    def num_rescaled(self) -> int:
+        """Number of steps the overflow guard rescaled (see the docstring)."""
+        return 0 if self._rescaled is None else int(self._rescaled)
+
+    def get_state(self) -> dict[str, torch.Tensor]:
+        state = {}
+        if self.shift is not None:
+            state["shift"] = self.shift
+        if self._rescaled is not None:
+            state["rescaled"] = self._rescaled
+        return state
+
+    def set_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.shift = state.get("shift")
+        self._rescaled = state.get("rescaled")
 
     def reset(self) -> None:
         """Forget the running constant ``shift`` (the next call re-initialises it)."""
@@ -261,18 +279,19 @@ class CUBO(ImportanceWeighted):
     def _log_scale(self, n_log_w: torch.Tensor) -> torch.Tensor:
         """``n c`` for this step (detached), then the update of c; reports the batch's CUBO
         estimate as the run's value (``Run.reported``)."""
+        note(self)
         # logmeanexp (not the bare helper): it refuses Enumerate/MVD sites
         log_mean = logmeanexp(n_log_w).detach()  # n * (this batch's CUBO estimate)
         if self.shift is None:
             old = log_mean  # first call only: the batch's own value (see the docstring)
         else:
             old = self.n * self.shift.to(device=log_mean.device, dtype=log_mean.dtype)
-        excess = n_log_w.detach().max() - old - self.max_exponent
-        if excess > 0:  # overflow guard (a biased, counted exception; see the docstring)
-            self.num_rescaled += 1
-            n_c = old + excess
-        else:
-            n_c = old
+        # overflow guard (a biased, counted exception; see the docstring), without a branch on
+        # the value so that the step can be captured
+        excess = (n_log_w.detach().max() - old - self.max_exponent).clamp_min(0.0)
+        n_c = old + excess
+        rescaled = (excess > 0).long()
+        self._rescaled = rescaled if self._rescaled is None else self._rescaled + rescaled
         # c is updated only now: this step used a constant independent of its own draws
         self.shift = (self.decay * old + (1.0 - self.decay) * log_mean) / self.n
         current_run().reported = -log_mean / self.n

@@ -41,8 +41,9 @@ independent of the draw they multiply. Enumerate/MVD sites are contracted term b
 Options (one mechanism): keyword arguments of :func:`objective` / of the shipped objectives'
 constructors -- Pyro's ``ELBO`` arguments (``num_particles``, ``max_plate_nesting``,
 ``vectorize_particles``, ``strict_enumeration_warning``, ...) plus ``estimator=`` (an Estimator or
-``{site: Estimator}``) and ``rao_blackwellize=`` (``"plate"``, ``"graph"`` or ``None``).
-``particles()`` without an argument uses ``num_particles``. With ``vectorize_particles=False``
+``{site: Estimator}``), ``rao_blackwellize=`` (``"plate"``, ``"graph"`` or ``None``) and
+``capture=`` (``False``; ``True`` or a backend name: trace the step once and run it as a flat graph,
+see :mod:`vi_estimators.capture`). ``particles()`` without an argument uses ``num_particles``. With ``vectorize_particles=False``
 (Pyro's default, for models that do not broadcast) and ``num_particles = K > 1``, the program is
 run K times with ``particles()`` a no-op and the K runs are assembled into one surrogate, like
 ``Trace_ELBO`` (leave-one-out baselines pair the runs' signals); objectives that combine
@@ -66,6 +67,7 @@ from pyro.infer.elbo import ELBO as _PyroELBO
 from pyro.poutine.trace_struct import Trace
 from pyro.util import warn_if_nan
 
+from .capture import ObjectiveCapture, check_capture
 from .core import RAO_BLACKWELLIZE, Run, assemble, current_run, execute, require_run
 from .estimators import Estimator
 
@@ -217,6 +219,7 @@ class Objective(_PyroELBO):
         tail_adaptive_beta: float = -1.0,
         estimator: Estimator | dict | None = None,
         rao_blackwellize: str | None = "plate",
+        capture: bool | str = False,
     ):
         if not isinstance(num_particles, int) or isinstance(num_particles, bool) or \
                 num_particles < 1:
@@ -252,6 +255,11 @@ class Objective(_PyroELBO):
             self.__doc__ = getattr(program, "__doc__", None) or self.__doc__
             self.__name__ = getattr(program, "__name__", type(self).__name__)
         self.auto_baselines: dict[str, Any] = {}  # the "auto" moving averages, per site
+        backend = check_capture(capture)
+        #: the capture backend (``None``: eager) and the captured graphs (vi_estimators.capture)
+        self.capture = backend
+        self.captured = None if backend is None else ObjectiveCapture(
+            getattr(self, "__name__", type(self).__name__), backend, self._surrogate_terms)
 
     def _get_trace(self, model, guide, args, kwargs):
         # pyro.infer.ELBO's abstract hook; objective programs build their own traces.
@@ -281,8 +289,7 @@ class Objective(_PyroELBO):
             raise ValueError("non-finite objective value (all site log-densities are finite)")
         warn_if_nan(surrogate, "loss")
 
-    def surrogate(self, model, guide, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(surrogate, estimate)``; with looped particles the K runs are assembled together."""
+    def _runs(self, model, guide, args, kwargs):
         if self.vectorize_particles or self.num_particles == 1:
             default_k = self.num_particles if self.vectorize_particles else None
             runs_values = [self._run(model, guide, args, kwargs, default_k)]
@@ -291,20 +298,54 @@ class Objective(_PyroELBO):
                            for _ in range(self.num_particles)]
         runs = [r for r, _ in runs_values]
         s, e = assemble(self, runs, [v for _, v in runs_values])
+        return s, e, runs
+
+    def _surrogate_terms(self, model, guide, args, kwargs):
+        """``(surrogate, estimate)`` without the finiteness check (no host sync): what a
+        capture traces."""
+        s, e, _ = self._runs(model, guide, args, kwargs)
+        return s, e
+
+    def surrogate(self, model, guide, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(surrogate, estimate)``; with looped particles the K runs are assembled together.
+        Always eager (``capture`` applies to ``loss``, ``loss_and_grads`` and
+        ``differentiable_loss``)."""
+        s, e, runs = self._runs(model, guide, args, kwargs)
         self._check_finite(s, runs)
         return s, e
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
-        return -self.surrogate(model, guide, *args, **kwargs)[0]
+        if self.captured is not None and torch.is_grad_enabled():
+            return self.captured.differentiable_loss(
+                model, guide, args, kwargs,
+                lambda: self._eager_differentiable_loss(model, guide, args, kwargs))
+        return self._eager_differentiable_loss(model, guide, args, kwargs)
 
     def loss(self, model, guide, *args, **kwargs) -> float:
+        if self.captured is not None:
+            with torch.no_grad():
+                return self.captured.loss(model, guide, args, kwargs,
+                                          lambda: self._eager_loss(model, guide, args, kwargs))
+        return self._eager_loss(model, guide, args, kwargs)
+
+    def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
+        if self.captured is not None and torch.is_grad_enabled():
+            return self.captured.loss_and_grads(
+                model, guide, args, kwargs,
+                lambda: self._eager_loss_and_grads(model, guide, args, kwargs))
+        return self._eager_loss_and_grads(model, guide, args, kwargs)
+
+    def _eager_differentiable_loss(self, model, guide, args, kwargs) -> torch.Tensor:
+        return -self.surrogate(model, guide, *args, **kwargs)[0]
+
+    def _eager_loss(self, model, guide, args, kwargs) -> float:
         with torch.no_grad():
             _, estimate = self.surrogate(model, guide, *args, **kwargs)
         loss = -float(estimate)
         warn_if_nan(loss, "loss")
         return loss
 
-    def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
+    def _eager_loss_and_grads(self, model, guide, args, kwargs) -> float:
         s, estimate = self.surrogate(model, guide, *args, **kwargs)
         if s.requires_grad:
             (-s).backward(retain_graph=self.retain_graph)

@@ -38,6 +38,7 @@ from torch.distributions import Beta, Dirichlet, Gamma
 
 from .baselines import as_baseline, loo_mean
 from .estimators import Estimator, SiteDraw, base_and_reinterpreted
+from .state import capturing
 
 __all__ = [
     "RSVI",
@@ -62,7 +63,7 @@ def _check_boost(boost: int) -> int:
 
 
 def _check_alpha(alpha: torch.Tensor, what: str = "concentration + boost") -> None:
-    if not torch._C._get_tracing_state() and bool((alpha <= 1.0 / 3.0).any()):
+    if not capturing() and bool((alpha <= 1.0 / 3.0).any()):
         raise ValueError(
             f"RSVI: {what} must exceed 1/3 for the Marsaglia-Tsang proposal "
             f"(min is {alpha.min().item():.4g}); use a larger boost (B >= 1 for shapes < 1)"

@@ -19,9 +19,12 @@ from ._common import analytic_reference, seeded_generator, strip_plate_dims
 
 
 def linear_predictor(X: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """``X w`` for ``X`` (n, d) and ``w`` (d,) or batched (*B, 1, d) -> (n,) or (*B, n)."""
+    """``X w`` for ``X`` (n, d) and ``w`` (d,) or batched (*B, 1, d) -> (n,) or (*B, n).
+
+    Computed as ``w @ X.T``: one (B, d) x (d, n) matrix product for batched ``w``, where
+    ``X @ w.unsqueeze(-1)`` would broadcast ``X`` to a (*B, n, d) copy."""
     w = strip_plate_dims(w, event_dim=1)
-    return (X @ w.unsqueeze(-1)).squeeze(-1)
+    return w @ X.T
 
 
 def linear_regression_model(
