@@ -388,6 +388,36 @@ def _is_exact_noop(node, constant: dict) -> bool:
             and (c.numel() <= 1 or torch.broadcast_shapes(c.shape, xv.shape) == xv.shape))
 
 
+#: in-place operations that change only a tensor's shape/strides, and their out-of-place views
+_METADATA_INPLACE = {
+    torch.ops.aten.squeeze_.dim: torch.ops.aten.squeeze.dim,
+    torch.ops.aten.squeeze_.default: torch.ops.aten.squeeze.default,
+    torch.ops.aten.unsqueeze_.default: torch.ops.aten.unsqueeze.default,
+    torch.ops.aten.t_.default: torch.ops.aten.t.default,
+    torch.ops.aten.transpose_.default: torch.ops.aten.transpose.int,
+}
+
+
+def _functionalize_metadata_ops(graph) -> None:
+    """``x.squeeze_(d)`` -> ``x.squeeze(d)`` (likewise ``unsqueeze_``, ``t_``, ``transpose_``)
+    where ``x`` is an intermediate result used by nothing else: such an operation changes only
+    ``x``'s shape, never any data, so its out-of-place view computes the same values (e.g. the
+    ``squeeze_`` in ``matmul``'s decomposition, which would otherwise mark the whole graph as
+    mutating and stop :func:`simplify`)."""
+    for node in list(graph.nodes):
+        view = _METADATA_INPLACE.get(node.target) if node.op == "call_function" else None
+        if view is None or node.kwargs or not node.args:
+            continue
+        x = node.args[0]
+        if not isinstance(x, torch.fx.Node) or x.op != "call_function" or len(x.users) != 1:
+            continue
+        with graph.inserting_before(node):
+            new = graph.call_function(view, tuple(node.args))
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+
+
 def simplify(gm) -> int:
     """Shrink a captured graph without changing any value it computes: drop ``detach`` /
     ``alias`` and same-shape views, and fold operations whose inputs are all constants (or
@@ -396,6 +426,7 @@ def simplify(gm) -> int:
     of nodes removed."""
     graph = gm.graph
     before = len(graph.nodes)
+    _functionalize_metadata_ops(graph)
     mutating = any(
         n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)
         and n.target._schema.is_mutable for n in graph.nodes)

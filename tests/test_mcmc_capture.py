@@ -201,6 +201,18 @@ def test_capture_utility_directly():
     assert graph.num_gathers == 1
     assert torch.equal(graph(w, idx)[0], f(w, idx)[0])
 
+    def f2(w, idx):  # vector @ matrix records an in-place squeeze_ of the (1, 7) product
+        return ((w @ X[idx].T).sigmoid().sum(),)
+
+    # the squeeze_ is rewritten as a view, so the graph is simplified (no in-place ops, detach
+    # or alias left), and it still gives f2's values
+    graph = capture(f2, [w, idx], gather_inputs=[1])
+    assert torch.equal(graph(w, idx)[0], f2(w, idx)[0])
+    targets = [n.target for n in graph.graph_module.graph.nodes if n.op == "call_function"]
+    assert torch.ops.aten.squeeze.dim in targets
+    assert not any(t._schema.is_mutable or t in (torch.ops.aten.detach.default,
+                                                 torch.ops.aten.alias.default) for t in targets)
+
     def g(w):
         return (w * w.sum().item(),)
 
