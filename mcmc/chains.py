@@ -128,6 +128,18 @@ class ChainAlgorithm(Protocol):
                         note: str) -> Exception: ...
 
 
+def _all_finite(state: NamedTuple) -> bool:
+    """Whether every floating-point entry of the state is finite, with one reduction per field
+    (the per-step check's fast path: a sum is finite only if all its terms are; a sum of finite
+    entries that overflows reads as False, and the caller then checks row by row)."""
+    total = None
+    for v in state:
+        if isinstance(v, torch.Tensor) and v.is_floating_point():
+            s = v.sum()
+            total = s if total is None else total + s
+    return total is None or bool(torch.isfinite(total))
+
+
 def _finite_rows(state: NamedTuple) -> torch.Tensor:
     """``(C,)`` True where every tensor field of the state is finite for that chain."""
     ok = None
@@ -303,6 +315,8 @@ class ChainDriver:
         new = algo.step(state, size, algo.draw(state, self.generator, t), t)
         halvings = 0
         while True:
+            if _all_finite(new):
+                break
             ok = _finite_rows(new)
             if ok is None or bool(ok.all()):
                 break
