@@ -39,9 +39,10 @@ REFERENCE_DIR = os.environ.get(
 )
 def sgld_step_time(quick: bool):
     """10^6 rows (quick: 10^5), d = 10, minibatch 1000 drawn with replacement, one chain, step
-    size 1/N; each call runs 20 steps. ``pyroforge_sgld`` is :class:`mcmc.sgld.SGLD` with its
-    defaults, stepped one step at a time (the potential -- one Pyro model run plus autograd --
-    captured once and replayed as a TorchScript graph, ``capture="auto"``);
+    size 1/N (given, as to the peers: no preconditioner); each call runs 20 steps.
+    ``pyroforge_sgld`` is :class:`mcmc.sgld.SGLD` stepped one step at a time (the potential --
+    one Pyro model run plus autograd -- captured once and replayed as a TorchScript graph,
+    ``capture="auto"``);
     ``pyroforge_sgld_eager``: the same with ``capture="off"`` (the model run every step);
     ``pyroforge_sgld_block``: ``block_size=20``, the 20 steps (noise and rows pre-drawn from the
     sampler's generator) as one captured TorchScript graph per call (same draws as single
@@ -290,20 +291,17 @@ def _gated_ess(n: int, quick: bool):
             "var_ratio": float((w.double().var(0) / ref["var"].to(device)).mean()),
         }
 
-    def run_sgld(cls, initial_params=None):
-        kernel = cls(spec.model, step_size=SGLD_STEP / n, subsample_size=SGLD_BATCH,
-                     with_replacement=True, seed=0)
+    def run_sgld(cls, **options):
+        kernel = cls(spec.model, subsample_size=SGLD_BATCH, seed=0, **options)
         draws = kernel.sample_chains(
             sgld_samples,
             warmup_steps=sgld_warmup,
             model_args=spec.args,
             model_kwargs=spec.kwargs,
-            initial_params=initial_params,
             progress=False,
         )["w"][0]
-        return summarise(draws)
-
-    zeros = torch.zeros(1, spec.args[0].shape[1], device=device)
+        return {**summarise(draws), "step_size": kernel.schedule(0),
+                "preconditioner": kernel.scale_tril is not None}
 
     def pyro_nuts(jit_compile: bool):
         run = _pyro_nuts_runner(spec, num_warmup=nuts_warmup, num_samples=nuts_samples,
@@ -312,7 +310,8 @@ def _gated_ess(n: int, quick: bool):
 
     impls = {
         "pyroforge_cvsgld": lambda: run_sgld(CVSGLD),
-        "pyroforge_sgld": lambda: run_sgld(SGLD, zeros),
+        "pyroforge_cvsgld_with_replacement": lambda: run_sgld(CVSGLD, with_replacement=True),
+        "pyroforge_sgld": lambda: run_sgld(SGLD),
         "pyro_nuts_jit": pyro_nuts(True),
         "pyro_nuts": pyro_nuts(False),
     }
@@ -323,24 +322,26 @@ def _gated_ess(n: int, quick: bool):
 
 
 _ESS_DOC = """Accuracy-gated ESS per CPU-second on logistic_regression_synthetic, N = {n} (quick:
-    {nq}), d = 10. Each call is one complete run on one chain, timed whole. CV-SGLD as a user
-    would run it: its defaults (L-BFGS mode search included, chains start at the mode, captured
-    potential, ``block_size="auto"``) with minibatches of 100 rows drawn with replacement and
-    step size h = 0.4 / N, i.e. about 0.07 / lambda_max for this posterior (its precision
-    eigenvalues are 0.08 N .. 0.17 N): unadjusted Langevin inflates a direction's variance by
-    1 / (1 - h lambda / 2), here at most 3.5 % (measured: variance ratio 1.03-1.06 with the
-    minibatch noise); h = 1 / N (up to 9 %) failed the variance gate.
-    100 warm-up + 20000 kept steps (quick 100 + 10000): the gate's variance ratio is itself an
-    estimate, and it needs an ESS of several hundred to tell 1.05 from 1.1. Plain SGLD: the same
-    settings, started at 0. NUTS (200 warm-up + 400 draws; quick 100 + 200): Pyro NUTS with ``jit_compile=True`` and
-    without, NumPyro NUTS. ``ess`` is the minimum over coordinates of Pyro's ESS of the kept
-    draws; ``mean_error_sd`` and ``var_ratio`` compare the draws with a long NUTS reference (500
-    warm-up + 3000 draws, cached; cross-checked against the Laplace approximation). Plain SGLD's
-    minibatch gradient noise inflates its variance: it fails the gate and its ESS does not
-    count."""
+    {nq}), d = 10. Each call is one complete run on one chain, timed whole (set-up included).
+    CV-SGLD as a user would run it: ``CVSGLD(model, subsample_size=1000, seed=0)`` with every
+    other option at its default -- the L-BFGS mode search (the control variates' anchor), the
+    Laplace preconditioner, the step size chosen from the model (``step_size=None``: 0.1 in
+    whitened units here, where the control-variate gradient noise vanishes at the anchor),
+    chains started at Laplace draws, minibatches drawn without replacement, the potential
+    captured and ``block_size="auto"`` -- then 100 warm-up + 20000 kept steps (quick
+    100 + 10000): the gate's variance ratio is itself an estimate and needs an ESS of several
+    hundred to tell 1.05 (the discretisation's inflation at h = 0.1, 1 / (1 - h / 2)) from 1.1.
+    ``pyroforge_cvsgld_with_replacement``: the same with ``with_replacement=True`` (the
+    minibatch rows drawn independently: exact distinct rows cost a sort and usually a redraw
+    per step). Plain SGLD: ``SGLD(model, subsample_size=1000, seed=0)``, the same run (its default step
+    size accounts for the minibatch gradient noise, so it is small at large N). NUTS (200
+    warm-up + 400 draws; quick 100 + 200): Pyro NUTS with ``jit_compile=True`` and without,
+    NumPyro NUTS. ``ess`` is the minimum over coordinates of Pyro's ESS of the kept draws;
+    ``mean_error_sd`` and ``var_ratio`` compare the draws with a long NUTS reference (500
+    warm-up + 3000 draws, cached; cross-checked against the Laplace approximation)."""
 
-#: CV-SGLD / SGLD settings of the gated ESS benchmarks: step size SGLD_STEP / N, minibatch rows
-SGLD_STEP, SGLD_BATCH = 0.4, 100
+#: minibatch rows of the gated ESS benchmarks' SGLD runs
+SGLD_BATCH = 1000
 
 
 def _doc(text: str):
