@@ -34,7 +34,8 @@ Parameters and guidance:
   Lipschitz constant of ``grad f`` (relative to ``phi`` for mirror methods); the stationary
   law's bias shrinks with gamma (measured in ``tests/test_bregman.py``: on the Laplace target
   with rates 1..10, MYULA's variance bias is ~12% on average at gamma = lam = 5e-3 and within
-  5% at 2e-4). Default in :class:`BregmanProximalLangevin`: ``1e-3``.
+  5% at 2e-4). Default in :class:`BregmanProximalLangevin`: ``0.1 / L`` with ``L`` measured at
+  the mode (see "Defaults from the model" there).
 * ``lam`` (envelope, > 0): the envelope's gradient is ``1/lam``-Lipschitz (Euclidean case), so
   stability needs ``gamma <~ lam``; the smoothing bias grows with ``lam``. Default: ``lam =
   gamma`` (the smallest lam that keeps the step stable); ``lam`` a few times ``gamma`` trades
@@ -68,6 +69,7 @@ zero gradient there; the samplers then move by the envelope and the noise alone.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from typing import NamedTuple
@@ -76,9 +78,11 @@ import torch
 from torch.distributions import constraints
 
 from .chains import ChainDriver, LangevinKernel, StepRandomness, check_run_lengths
+from .laplace import default_step_size, find_mode, largest_eigenvalue
 from .mirror import Euclidean, MirrorMap
 from .potential import check_finite
 from .prox import NonsmoothTerm
+from .schedules import as_schedule
 
 __all__ = [
     "BregmanProximalLangevin",
@@ -91,6 +95,13 @@ __all__ = [
 ]
 
 GradF = Callable[[torch.Tensor], torch.Tensor] | torch.Tensor
+
+logger = logging.getLogger(__name__)
+
+#: envelope parameter of the smoothed potential ``f + env_{lam g}`` whose minimiser is the
+#: default start of :class:`BregmanProximalLangevin` (it is within ``lam |w|`` of the mode of
+#: ``f + g`` for an l1 term of weight ``w``)
+MODE_ENVELOPE = 1e-3
 
 
 def _check_positive(name: str, value: float) -> None:
@@ -344,6 +355,24 @@ class BregmanState(NamedTuple):
     grad: torch.Tensor  # (C, D) gradient of f at z
 
 
+class _SmoothedPotential:
+    """``f(z) + sum_s env_{lam g_s}(z_s)``: the potential with each nonsmooth term replaced by its
+    Euclidean Moreau envelope ``env(x) = g(p) + |x - p|^2 / (2 lam)``, ``p = prox_{lam g}(x)``,
+    whose gradient is ``(x - p) / lam`` (the prox is held fixed when differentiating: Danskin).
+    Smooth and finite everywhere (indicator terms included), so L-BFGS can minimise it."""
+
+    def __init__(self, potential, terms: list, lam: float) -> None:
+        self.potential, self.terms, self.lam = potential, terms, lam
+
+    def __call__(self, z: torch.Tensor) -> torch.Tensor:
+        u = self.potential(z)
+        for sl, g in self.terms:
+            x = z[:, sl]
+            p = g.prox(x.detach(), self.lam)
+            u = u + g(p) + (x - p).pow(2).sum(-1) / (2 * self.lam)
+        return u
+
+
 class BregmanProximalLangevin(LangevinKernel):
     """Bregman proximal Langevin (BMUMLA / MYULA / proximal-gradient-like) for Pyro models.
 
@@ -368,7 +397,8 @@ class BregmanProximalLangevin(LangevinKernel):
         model: Pyro model. nonsmooth: ``{site: NonsmoothTerm}``.
         mirror: a MirrorMap for every nonsmooth site, or ``{site: MirrorMap}``; ``None`` with
             ``method="myula"``.
-        step_size: gamma > 0 (default 1e-3; a number: ``lam`` is tied to it).
+        step_size: gamma > 0, or ``None`` (default): chosen from the model at set-up (see
+            "Defaults from the model" below). A number, not a schedule: ``lam`` is tied to it.
         lam: envelope parameter > 0 (default gamma).
         side: ``"left"`` / ``"right"`` envelope (BMUMLA). method: ``"bmumla"`` (default),
             ``"myula"`` or ``"bpg"`` (right envelope with lam = gamma).
@@ -378,13 +408,42 @@ class BregmanProximalLangevin(LangevinKernel):
 
     Use it as ``pyro.infer.MCMC(kernel, num_samples, warmup_steps).run(*args)`` (one chain per
     Pyro chain), or, vectorised over many chains, :meth:`sample_chains`.
+
+    Defaults from the model
+    -----------------------
+    With ``step_size=None`` the kernel, once per potential,
+
+    * finds the mode ``z_hat`` of ``f + sum_s env_{lam0 g_s}`` (:class:`_SmoothedPotential`: each
+      ``g_s`` replaced by its Euclidean Moreau envelope, ``lam0 =`` :data:`MODE_ENVELOPE`, so the
+      objective is smooth and finite; L-BFGS, :func:`mcmc.laplace.find_mode`, from one point of
+      ``init_strategy`` seeded by ``seed``); chains start there unless ``initial_params`` are
+      given;
+    * measures the curvature of the smooth part relative to the mirror map there,
+      ``L = lambda_max(P H_f)`` with ``H_f`` the Hessian of ``f`` at ``z_hat`` and
+      ``P = blockdiag(Hess phi_s(z_hat_s)^{-1}, I)`` (:func:`mcmc.laplace.largest_eigenvalue`
+      with ``preconditioner=P``; ``P = I`` for MYULA). Linearising the mirror step,
+      ``x' ~ x - gamma Hess phi^{-1} grad f + sqrt(2 gamma) Hess phi^{-1/2} xi``: a Langevin step
+      with the constant metric ``Hess phi(z_hat)``, whose stability and bias are governed by
+      ``gamma L`` as ``h lambda_max`` governs ULA's;
+    * sets ``gamma = 0.1 / L`` (:func:`mcmc.laplace.default_step_size`, the rule of the SGLD
+      family: on a Gaussian smooth part the discretisation inflates the stationary variance by
+      at most about 5 %), and ``lam = gamma`` unless ``lam`` is given.
+
+    ``L`` uses ``f`` only: the envelope's own curvature ``1 / lam`` is what ``lam = gamma``
+    accounts for. The curvature is measured at the mode; with a mirror map whose inverse
+    Hessian grows away from it (hypentropy: ``sqrt(x^2 + beta^2)``) chains far in the tails
+    take relatively larger steps. The mode must lie inside every mirror map's domain (for
+    barrier maps whose constrained mode is on the boundary give ``step_size``), and ``f`` must
+    have some curvature (a model with no smooth term: give ``step_size``); otherwise
+    ``ValueError``. :attr:`mode` and the ``step_size`` in :meth:`logging` report the choice
+    (one INFO line on the ``mcmc.bregman`` logger too); a checkpoint stores them.
     """
 
     state_type = BregmanState
 
     def __init__(self, model: Callable, nonsmooth: dict[str, NonsmoothTerm],
                  mirror: MirrorMap | dict[str, MirrorMap] | None = None, *,
-                 step_size: float = 1e-3, lam: float | None = None, side: str = "left",
+                 step_size: float | None = None, lam: float | None = None, side: str = "left",
                  method: str = "bmumla", **kwargs) -> None:
         if not isinstance(nonsmooth, dict) or not nonsmooth:
             raise ValueError("nonsmooth must be a non-empty dict {site: NonsmoothTerm}")
@@ -399,13 +458,24 @@ class BregmanProximalLangevin(LangevinKernel):
             self.mirrors = {k: mirror[k] for k in self.nonsmooth}
         else:
             self.mirrors = {k: mirror for k in self.nonsmooth}
-        self.lam = step_size if lam is None else lam
+        self.auto_step_size = step_size is None
+        self.lam_arg = lam
         self.side, self.method = side, method
-        # validate every (term, mirror) pair now: clear errors before any model run
-        self._steps = {k: _make_step(method, t, self.mirrors[k], step_size, self.lam, side)
+        self.mode: torch.Tensor | None = None  # (1, D), found at set-up when step_size=None
+        # validate every (term, mirror) pair now: clear errors before any model run (a
+        # placeholder step when the step size is chosen at set-up)
+        self._set_step_size(1.0 if step_size is None else step_size)
+        super().__init__(model, self.step_size, **kwargs)
+        self._fixed_ready = False
+        if self.auto_step_size:
+            self.schedule = None
+
+    def _set_step_size(self, step_size: float) -> None:
+        self.lam = step_size if self.lam_arg is None else self.lam_arg
+        self._steps = {k: _make_step(self.method, t, self.mirrors[k], step_size, self.lam,
+                                     self.side)
                        for k, t in self.nonsmooth.items()}
         self.step_size = step_size
-        super().__init__(model, step_size, **kwargs)
 
     def _potential_options(self) -> dict:
         return {"exclude_sites": tuple(self.nonsmooth)}
@@ -423,6 +493,84 @@ class BregmanProximalLangevin(LangevinKernel):
                     "not convex in unconstrained space. Give the site a prior on all of R^d "
                     "(e.g. Normal/Laplace/ImproperUniform(real)) and express the constraint with "
                     "a nonsmooth indicator term (Box, NonNegative, Simplex) plus a mirror map.")
+        if self.auto_step_size:
+            self._choose_step_size(pot)
+
+    def setup_potential(self, model_args: tuple = (), model_kwargs: dict | None = None):
+        pot = super().setup_potential(model_args, model_kwargs)
+        if self._fixed_potential and self.auto_step_size and not self._fixed_ready:
+            self._fixed_ready = True  # a potential given up front
+            self._on_new_potential()
+        return pot
+
+    def _mode_start(self, pot) -> torch.Tensor:
+        if self.seed is None:
+            return pot.initial_params(1, init_strategy=self.init_strategy)
+        devices = [pot.device.index or 0] if pot.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.seed)
+            return pot.initial_params(1, init_strategy=self.init_strategy)
+
+    def _mirrored_sites(self) -> list[str]:
+        """Nonsmooth sites whose steps use a (non-Euclidean-identity) mirror map."""
+        return [] if self.method == "myula" else list(self.nonsmooth)
+
+    def _choose_step_size(self, pot) -> None:
+        """Mode, relative curvature and step size (see "Defaults from the model")."""
+        name = type(self).__name__
+        terms = [(pot.site_slices[k], t) for k, t in self.nonsmooth.items()]
+        try:
+            mode = find_mode(_SmoothedPotential(pot, terms, MODE_ENVELOPE), self._mode_start(pot))
+        except FloatingPointError as e:
+            raise ValueError(f"{name}(..., step_size=None): {e}; give step_size explicitly (or "
+                             "another init_strategy)") from None
+        for site in self._mirrored_sites():
+            m = self.mirrors[site]
+            if not bool(m.contains(mode[:, pot.site_slices[site]]).all()):
+                raise ValueError(
+                    f"{name}(..., step_size=None): the mode of site {site!r} lies outside the "
+                    f"domain of the {m.name} mirror map ({m.domain}), where the step size would "
+                    "be measured; give step_size explicitly")
+
+        def precondition(v: torch.Tensor) -> torch.Tensor:  # v -> blockdiag(Hess phi^-1, I) v
+            out = v.clone()
+            for site in self._mirrored_sites():
+                sl = pot.site_slices[site]
+                out[:, sl] = self.mirrors[site].inverse_hessian_matvec(mode[:, sl], v[:, sl])
+            return out
+
+        gen = torch.Generator(device="cpu").manual_seed(0 if self.seed is None else self.seed)
+        try:
+            curvature = largest_eigenvalue(pot, mode, generator=gen, preconditioner=precondition)
+            step = default_step_size(pot, mode, curvature=curvature)
+        except (ValueError, FloatingPointError) as e:
+            raise ValueError(f"{name}(..., step_size=None): {e}") from None
+        self.mode = mode
+        self._set_step_size(step)
+        self.schedule = as_schedule(step)
+        logger.info(f"{name}: mode found; curvature relative to the mirror map {curvature:.3g}; "
+                    f"step_size {step:.3g}, lam {self.lam:.3g}; chains start at the mode")
+
+    def _default_initial_z(self, num_chains: int) -> torch.Tensor:
+        if self.mode is not None:
+            return self.mode.expand(num_chains, -1).clone()
+        return super()._default_initial_z(num_chains)
+
+    def _extra_state_dict(self) -> dict:
+        if not self.auto_step_size or self.mode is None:
+            return {}
+        return {"mode": self.mode.clone(), "step_size": self.step_size}
+
+    def _load_extra_state_dict(self, sd: dict) -> None:
+        if "step_size" in sd:
+            self.mode = sd["mode"]
+            self._set_step_size(sd["step_size"])
+            self.schedule = as_schedule(sd["step_size"])
+
+    def logging(self) -> dict:
+        if self.schedule is None:
+            return {"step_size": "auto"}
+        return super().logging()
 
     def _check_init(self, z: torch.Tensor) -> None:
         for site, m in self.mirrors.items():

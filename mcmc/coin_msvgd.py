@@ -31,7 +31,7 @@ from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 
 from .coin import FunctionPotential, ParticleSampler
-from .kernels import RBFKernel, StationaryKernel, _resolve_chunk
+from .kernels import RBFKernel, StationaryKernel, resolve_chunk_size
 from .mirror import MirrorMap
 from .potential import Potential
 
@@ -57,7 +57,7 @@ def msvgd_direction(
     if chunk_size is None:  # blocks are (b, N, d) here, hence the d in the default
         chunk_size = max(1, min(n, (1 << 22) // max(n * d, 1)))
     else:
-        chunk_size = _resolve_chunk(chunk_size, n)  # validates it
+        chunk_size = resolve_chunk_size(chunk_size, n)  # validates it
     hinv_x = mirror.inverse_hessian_matvec(x, x)  # H_j^{-1} x_j, (N, d)
     sq = x.pow(2).sum(-1)
     out = []

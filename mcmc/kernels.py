@@ -207,7 +207,9 @@ def _sq_dists(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return d2.clamp_min(0)
 
 
-def _resolve_chunk(chunk_size: int | None, n: int) -> int:
+def resolve_chunk_size(chunk_size: int | None, n: int) -> int:
+    """Rows of the ``(chunk, n)`` kernel blocks the Stein directions build at a time: the given
+    positive int, or (``None``) as many as keep a block near 2^22 entries."""
     if chunk_size is None:
         # Keep each (chunk, n) block around 2^22 entries (32 MiB in float64).
         return max(1, min(n, (1 << 22) // max(n, 1)))
@@ -244,7 +246,7 @@ def svgd_direction(
     kernel = RBFKernel() if kernel is None else kernel
     n = x.shape[0]
     l2 = kernel.bandwidth_sq(x)
-    chunk = _resolve_chunk(chunk_size, n)
+    chunk = resolve_chunk_size(chunk_size, n)
     sq = x.pow(2).sum(-1)
     out = []
     for i in range(0, n, chunk):
@@ -316,7 +318,7 @@ def kernel_stein_discrepancy(
     kernel = IMQKernel(bandwidth=1.0) if kernel is None else kernel
     n = x.shape[0]
     l2 = kernel.bandwidth_sq(x)
-    chunk = _resolve_chunk(chunk_size, n)
+    chunk = resolve_chunk_size(chunk_size, n)
     total = x.new_zeros(())
     diag = x.new_zeros(())
     for i in range(0, n, chunk):

@@ -190,16 +190,24 @@ def largest_eigenvalue(
     num_iters: int = 30,
     rtol: float = 1e-3,
     generator: torch.Generator | None = None,
+    preconditioner=None,
 ) -> float:
     """``|lambda|`` of the dominant eigenvalue of the Hessian at ``z`` by power iteration on exact
     Hessian-vector products: at most ``num_iters`` products, stopping when the Rayleigh quotient
-    changes by less than ``rtol`` (relative). ``0.0`` for a potential with zero curvature."""
+    changes by less than ``rtol`` (relative). ``0.0`` for a potential with zero curvature.
+
+    ``preconditioner``: a map ``v (1, D) -> P v`` with ``P`` symmetric positive definite; the
+    iteration then runs on ``P H``, whose eigenvalues are those of ``P^{1/2} H P^{1/2}``: the
+    curvature relative to the metric ``P^{-1}`` (e.g. ``P`` the inverse Hessian of a mirror
+    map, the quantity a mirror-Langevin step size must stay below)."""
     z = _as_point(z)
     v = torch.randn(z.shape, generator=generator, dtype=z.dtype, device="cpu").to(z.device)
     v = v / v.norm()
     lam = float("nan")
     for _ in range(num_iters):
         hv = hessian_vector_product(potential, z, v)
+        if preconditioner is not None:
+            hv = preconditioner(hv)
         new = float((hv * v).sum())
         norm = hv.norm()
         if not bool(torch.isfinite(norm)):

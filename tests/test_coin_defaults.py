@@ -21,6 +21,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 from pyro.infer.autoguide.initialization import init_to_median
+from user_models import collinear_regression_data
 
 from mcmc.coin_ksdd import CoinKSDD
 from mcmc.coin_svgd import CoinSVGD
@@ -73,19 +74,6 @@ def poisson_data():
     return X, y
 
 
-def regression_data():
-    """Near-collinear and badly scaled columns: Hessian condition number ~8e3 at the mode."""
-    g = torch.Generator().manual_seed(1)
-    x1 = torch.randn(100, generator=g, dtype=F64)
-    x2 = x1 + 0.042 * torch.randn(100, generator=g, dtype=F64)
-    x3 = 0.2 * torch.randn(100, generator=g, dtype=F64)
-    x4 = 3.0 * torch.randn(100, generator=g, dtype=F64)
-    X = torch.stack([x1, x2, x3, x4], -1)
-    y = X @ torch.tensor([1.0, -0.5, 2.0, 0.3], dtype=F64) + 0.5 \
-        + 0.5 * torch.randn(100, generator=g, dtype=F64)
-    return X, y
-
-
 def ar5_data(T=300, p=5):
     g = torch.Generator().manual_seed(2)
     phi = torch.tensor([0.5, 0.2, -0.1, 0.15, 0.1], dtype=F64)
@@ -108,7 +96,7 @@ PROBLEMS = {
     "poisson_glm": (poisson_glm, poisson_data,
                     [0.4615, -0.3155, 0.2053, 1.026],
                     [0.0122, 0.01266, 0.01253, 0.01433]),
-    "illcond_regression": (regression, regression_data,
+    "illcond_regression": (regression, collinear_regression_data,
                            [-0.08703, 0.5646, 1.905, 0.2854, 0.4895, -0.6539],
                            [1.228, 1.228, 0.258, 0.01901, 0.05432, 0.07194]),
     "ar5": (autoregression, ar5_data,

@@ -11,7 +11,6 @@ import os
 import re
 
 import pyro
-import pytest
 import torch
 
 README = os.path.join(os.path.dirname(__file__), "..", "README.md")
@@ -99,14 +98,14 @@ def test_coin_svgd_example_matches_reference():
     assert ns["coin"].convergence.ok, ns["coin"].convergence.summary
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BregmanProximalLangevin (BMUMLA, hypentropy) chains do not mix on sparse_logistic with the "
-    "README's settings: split R-hat ~6, bulk ESS ~17 for 16 x 200 draws; sampler side"))
 def test_bregman_example_matches_reference():
-    from mcmc.diagnostics import check_convergence
-
+    """Hypentropy BMUMLA with its defaults (step size 0.1 / L from the curvature relative to the
+    mirror map at the mode, chains start at the mode), 32 chains x (2000 + 200 x 80) steps:
+    measured as the README block runs here (seed 0) RMS mean error 0.039 sd, sd ratios within
+    5 % (RMS of logs), split R-hat 1.032, bulk ESS 964; thinning 60 gave R-hat 1.032-1.046 over
+    seeds. (With step_size=5e-4, 16 chains and 500 + 200 steps from Pyro's uniform start:
+    R-hat ~6, ESS ~17.)"""
     ns = run_block(block_with("BregmanProximalLangevin("))
-    report = check_convergence(ns["draws"])
     error, log_sd = sampler_errors(ns["sparse"], ns["draws"])
-    assert report.ok, report.summary
     assert error <= 0.2 and log_sd <= math.log(1.25), (error, math.exp(log_sd))
+    assert ns["kernel"].convergence.ok, ns["kernel"].convergence.summary

@@ -9,6 +9,7 @@ import pyro.distributions as dist
 import pytest
 import scipy.linalg
 import torch
+from user_models import collinear_regression_data
 
 from mcmc import sgld as sgld_module
 from mcmc.laplace import hessian, largest_eigenvalue
@@ -157,18 +158,6 @@ def regression(X, y):
         pyro.sample("obs", dist.Normal(X[idx] @ w + b, sigma), obs=y[idx])
 
 
-def collinear_data():
-    """Near-collinear, badly scaled columns: Hessian condition number ~8e3 at the mode."""
-    g = torch.Generator().manual_seed(1)
-    x1 = torch.randn(100, generator=g, dtype=F64)
-    x2 = x1 + 0.042 * torch.randn(100, generator=g, dtype=F64)
-    x3 = 0.2 * torch.randn(100, generator=g, dtype=F64)
-    x4 = 3.0 * torch.randn(100, generator=g, dtype=F64)
-    X = torch.stack([x1, x2, x3, x4], -1)
-    return X, X @ torch.tensor([1.0, -0.5, 2.0, 0.3], dtype=F64) + 0.5 \
-        + 0.5 * torch.randn(100, generator=g, dtype=F64)
-
-
 def scaled_data():
     """Diagonal ill-conditioning only (column scales 3 .. 0.03): what a diagonal (RMSprop)
     preconditioner is meant for."""
@@ -182,7 +171,7 @@ def scaled_data():
 # NUTS (4 chains x (1000 + 2500), float64, full mass matrix; R-hat <= 1.0003, ESS >= 12000):
 # mean and sd of the unconstrained (w, b, log sigma)
 REFS = {
-    "collinear": (collinear_data,
+    "collinear": (collinear_regression_data,
                   [-0.08703, 0.5646, 1.905, 0.2854, 0.4895, -0.6539],
                   [1.228, 1.228, 0.258, 0.01901, 0.05432, 0.07194]),
     "scaled": (scaled_data,
@@ -232,7 +221,7 @@ def test_psgld_bias_comes_from_the_adapting_preconditioner():
     seed and step (common random numbers) for both: frozen after warm-up the stationary sds are
     within a few % of NUTS; adapting throughout, the worst is ~1.17x (measured with 512 chains
     and 4000 steps: 1.166 vs 0.99 on w3, Monte-Carlo error +-0.01)."""
-    X, y = collinear_data()
+    X, y = collinear_regression_data()
     out = {}
     for freeze in (True, False):
         k = pSGLD(regression, precondition=None, freeze_preconditioner=freeze, seed=0)

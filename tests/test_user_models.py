@@ -277,13 +277,13 @@ def _particle_start(m, n):
 
 @pytest.mark.parametrize("sampler", ["svgd", "ksdd"])
 def test_coin_samplers_run_on_every_model(sampler):
-    """Both coin samplers run on every corpus model (a few steps from their default start,
-    the prior): finite particles of the right shapes, whichever vectorisation the model
-    allows."""
+    """Both coin samplers run on every corpus model (three steps from their default start;
+    too few to converge, so the end-of-run check is off): finite particles of the right
+    shapes, whichever vectorisation the model allows."""
     for m in CORPUS.values():
         cls = CoinSVGD if sampler == "svgd" else CoinKSDD
         s = cls(m.model, num_particles=10, **_options(m))
-        s.run(3, *m.args, progress=False, **m.kwargs)
+        s.run(3, *m.args, progress=False, diagnostics=False, **m.kwargs)
         particles = s.get_named_particles()
         assert all(bool(torch.isfinite(v).all()) for v in particles.values()), m.name
         assert {k: tuple(v.shape[1:]) for k, v in particles.items()} == \

@@ -210,6 +210,21 @@ def _regression_data(n, w, noise, seed, intercept=0.0):
     return X, y
 
 
+def collinear_regression_data():
+    """Near-collinear, badly scaled columns (float64): Hessian condition number ~8e3 at the mode
+    of a flat-prior linear regression; the ill-conditioned case of the defaults tests."""
+    g = _gen(1)
+    f64 = torch.float64
+    x1 = torch.randn(100, generator=g, dtype=f64)
+    x2 = x1 + 0.042 * torch.randn(100, generator=g, dtype=f64)
+    x3 = 0.2 * torch.randn(100, generator=g, dtype=f64)
+    x4 = 3.0 * torch.randn(100, generator=g, dtype=f64)
+    X = torch.stack([x1, x2, x3, x4], -1)
+    y = X @ torch.tensor([1.0, -0.5, 2.0, 0.3], dtype=f64) + 0.5 \
+        + 0.5 * torch.randn(100, generator=g, dtype=f64)
+    return X, y
+
+
 def _bnn_data():
     g = _gen(3)
     x = torch.linspace(-2.0, 2.0, 20)
