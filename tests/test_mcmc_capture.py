@@ -125,12 +125,14 @@ def test_bregman_federated_and_coin_samplers_match_eager():
             pyro.sample("y", dist.Normal(X @ w, 0.5), obs=y)
 
     def run_bregman(**kw):
-        k = BregmanProximalLangevin(lasso, {"w": L1(1.0)}, method="myula", step_size=1e-3,
-                                    seed=1, **kw)
+        k = BregmanProximalLangevin(lasso, {"w": L1(1.0)}, method="myula", seed=1, **kw)
         return k.sample_chains(5, num_chains=3, warmup_steps=8, thinning=2, model_args=(X, y),
-                               progress=False, unconstrained=True)["_z"]
+                               progress=False, unconstrained=True)["_z"], k
 
-    assert torch.equal(run_bregman(capture="off"), run_bregman(block_size=4))
+    for step_size in (1e-3, None):  # None: chosen from the model, chains start at the mode
+        blocked, k = run_bregman(block_size=4, step_size=step_size)
+        assert k.driver.capture_info["block_graphs"] > 0, k.driver.capture_info
+        assert torch.equal(run_bregman(capture="off", step_size=step_size)[0], blocked)
 
     shards = [((X[i::3], y[i::3]), {}) for i in range(3)]
 
