@@ -27,14 +27,18 @@ from .harness import Target, benchmark
 def coin_svgd_step(quick: bool):
     """One step of 100-particle SVGD on logistic_regression (31 weights, 455 rows).
 
-    ``pyroforge_coin_svgd``: :class:`mcmc.coin_svgd.CoinSVGD` (RBF median kernel, coin betting,
-    particle-major packing; the model broadcasts, so the particles are evaluated in one model run
-    under a particle plate). ``pyroforge_coin_svgd_vmap`` / ``pyroforge_coin_svgd_loop``: the
-    same with ``vectorize="vmap"`` / ``"loop"``, the fallback paths taken for models that do not
-    broadcast (their cost, for comparison). ``pyro_svgd_adam``: ``pyro.infer.SVGD`` with
-    ``RBFSteinKernel`` and Adam. ``pyro_svgd_coinbetting``: Pyro's SVGD with
-    ``PyroOptim(CoinBetting, {})`` (isolates the optimizer's cost: Adam vs coin betting inside the
-    same Pyro step). ``numpyro_steinvi_svgd``: NumPyro's ``contrib.einstein.SVGD`` (``RBFKernel``,
+    ``pyroforge_coin_svgd``: :class:`mcmc.coin_svgd.CoinSVGD` with its defaults (RBF median
+    kernel, coin betting, Laplace-whitened particles, particle-major packing; the model
+    broadcasts, so the particles are evaluated in one model run under a particle plate; the
+    potential's value and gradient run as a captured TorchScript graph, ``capture="auto"``,
+    under the whitening map). ``pyroforge_coin_svgd_eager``: the same with ``capture="off"``
+    (the Pyro model run every step). ``pyroforge_coin_svgd_inductor``: ``capture="inductor"``
+    (opt-in; its compilation is the first call). ``pyroforge_coin_svgd_vmap`` /
+    ``pyroforge_coin_svgd_loop``: ``vectorize="vmap"`` / ``"loop"``, the fallback paths taken
+    for models that do not broadcast (their cost, for comparison; captured too).
+    ``pyro_svgd_adam``: ``pyro.infer.SVGD`` with ``RBFSteinKernel`` and Adam.
+    ``pyro_svgd_coinbetting``: Pyro's SVGD with ``PyroOptim(CoinBetting, {})`` (isolates the
+    optimizer's cost: Adam vs coin betting inside the same Pyro step). ``numpyro_steinvi_svgd``: NumPyro's ``contrib.einstein.SVGD`` (``RBFKernel``,
     median bandwidth; Adam), one jitted ``update`` per call, on the CPU whatever the torch
     device."""
     device = resolve_device("auto")
@@ -44,11 +48,12 @@ def coin_svgd_step(quick: bool):
     coin = CoinSVGD(spec.model, num_particles=n, max_plate_nesting=spec.max_plate_nesting)
     coin.step(*spec.args, **spec.kwargs)
     fallback = {}
-    for path in ("vmap", "loop"):
+    for name, opts in (("vmap", {"vectorize": "vmap"}), ("loop", {"vectorize": "loop"}),
+                       ("eager", {"capture": "off"}), ("inductor", {"capture": "inductor"})):
         pyro.set_rng_seed(0)
-        fallback[path] = CoinSVGD(spec.model, num_particles=n,
-                                  max_plate_nesting=spec.max_plate_nesting, vectorize=path)
-        fallback[path].step(*spec.args, **spec.kwargs)
+        fallback[name] = CoinSVGD(spec.model, num_particles=n,
+                                  max_plate_nesting=spec.max_plate_nesting, **opts)
+        fallback[name].step(*spec.args, **spec.kwargs)
 
     def pyro_svgd(optim):
         pyro.clear_param_store()
@@ -70,6 +75,9 @@ def coin_svgd_step(quick: bool):
 
     impls = {
         "pyroforge_coin_svgd": lambda: coin.step(*spec.args, **spec.kwargs),
+        "pyroforge_coin_svgd_eager": lambda: fallback["eager"].step(*spec.args, **spec.kwargs),
+        "pyroforge_coin_svgd_inductor":
+            lambda: fallback["inductor"].step(*spec.args, **spec.kwargs),
         "pyroforge_coin_svgd_vmap": lambda: fallback["vmap"].step(*spec.args, **spec.kwargs),
         "pyroforge_coin_svgd_loop": lambda: fallback["loop"].step(*spec.args, **spec.kwargs),
         "pyro_svgd_adam": run_pyro(adam, adam_state),

@@ -11,7 +11,7 @@ import time
 
 import pyro
 import torch
-from pyro.ops.stats import effective_sample_size
+from pyro.ops.stats import autocovariance
 
 import models
 from mcmc.sgld import CVSGLD, SGLD
@@ -31,35 +31,64 @@ REFERENCE_DIR = os.environ.get(
     "sgld_step_time",
     targets=[
         Target("pyroforge_sgld", "torch_loop_sgld", "<=", 0.9, metric="time"),
-        Target("pyroforge_sgld", "blackjax_sgld_scan", "<=", 1.5, metric="time"),
+        Target("pyroforge_sgld_block", "blackjax_sgld_scan", "<=", 1.5, metric="time"),
+        Target("pyroforge_sgld_block_inductor", "blackjax_sgld_scan", "<=", 1.5, metric="time"),
     ],
     repeats=10,
     warmup=2,
 )
 def sgld_step_time(quick: bool):
     """10^6 rows (quick: 10^5), d = 10, minibatch 1000 drawn with replacement, one chain, step
-    size 1/N; each call runs 20 steps. ``pyroforge_sgld`` is :class:`mcmc.sgld.SGLD` (the Pyro
-    model through the potential layer: one traced model run + autograd per step);
-    ``torch_loop_sgld`` is the same update written by hand on the tensors (autograd on an inline
-    log-joint); ``blackjax_sgld_step`` is BlackJAX ``sgld`` with one jitted step per call (20
-    calls), ``blackjax_sgld_scan`` the 20 steps in one jitted ``lax.scan`` (the target for
-    pyroforge's block steps)."""
+    size 1/N (given, as to the peers: no preconditioner); each call runs 20 steps.
+    ``pyroforge_sgld`` is :class:`mcmc.sgld.SGLD` stepped one step at a time (the potential --
+    one Pyro model run plus autograd -- captured once and replayed as a TorchScript graph,
+    ``capture="auto"``);
+    ``pyroforge_sgld_eager``: the same with ``capture="off"`` (the model run every step);
+    ``pyroforge_sgld_block``: ``block_size=20``, the 20 steps (noise and rows pre-drawn from the
+    sampler's generator) as one captured TorchScript graph per call (same draws as single
+    steps); ``pyroforge_sgld_block_inductor``: ``capture="inductor"``, each step compiled by
+    TorchInductor and called 20 times (opt-in: its first call compiles for seconds, and it
+    matches the other rows only to float rounding). ``torch_loop_sgld`` is the same update
+    written by hand on the tensors (autograd on an inline log-joint, ``X[idx]`` gathers);
+    ``blackjax_sgld_step`` is BlackJAX ``sgld`` with one jitted step per call (20 calls),
+    ``blackjax_sgld_scan`` the 20 steps in one jitted ``lax.scan`` (the target for block
+    steps)."""
     device = resolve_device("auto")
     n = 10**5 if quick else 10**6
     spec = models.get("logistic_regression_synthetic", num_rows=n, dim=10, device=device)
     X, y = spec.args[0], spec.args[1]
     prior_scale = spec.kwargs["prior_scale"]
     B, h, steps = 1000, 1.0 / n, 20
-    kernel = SGLD(spec.model, step_size=h, subsample_size=B, with_replacement=True, seed=0)
-    kernel.setup_potential(spec.args, spec.kwargs)
-    kernel.init_state(1, torch.zeros(1, X.shape[1], device=device))
+
+    def make(**options):
+        kernel = SGLD(spec.model, step_size=h, subsample_size=B, with_replacement=True, seed=0,
+                      **options)
+        kernel.setup_potential(spec.args, spec.kwargs)
+        kernel.init_state(1, torch.zeros(1, X.shape[1], device=device))
+        return kernel
+
+    kernel, eager = make(block_size=1), make(capture="off")
+    block, block_inductor = make(block_size=steps), make(block_size=steps, capture="inductor")
     gen = torch.Generator(device=device).manual_seed(0)
     w0 = torch.zeros(X.shape[1], device=device)
     state = {"w": w0}
 
-    def pyroforge_sgld():
-        for _ in range(steps):
-            kernel.driver.step()
+    def single_steps(k):
+        def run():
+            for _ in range(steps):
+                k.driver.step()
+
+        return run
+
+    def blocks(k):
+        def run():
+            k.driver.run(0, warmup_steps=steps, progress=False)
+            info = k.driver.capture_info
+            return {"block_graphs": info["block_graphs"], "backend": info["backend"]}
+
+        return run
+
+    pyroforge_sgld = single_steps(kernel)
 
     def torch_loop_sgld():
         w = state["w"]
@@ -76,7 +105,10 @@ def sgld_step_time(quick: bool):
             w = w.detach() - h * g + math.sqrt(2 * h) * noise
         state["w"] = w
 
-    impls = {"pyroforge_sgld": pyroforge_sgld, "torch_loop_sgld": torch_loop_sgld}
+    impls = {"pyroforge_sgld": pyroforge_sgld, "pyroforge_sgld_eager": single_steps(eager),
+             "pyroforge_sgld_block": blocks(block),
+             "pyroforge_sgld_block_inductor": blocks(block_inductor),
+             "torch_loop_sgld": torch_loop_sgld}
     impls.update(peers.blackjax_sgld(X, y, prior_scale, batch_size=B, step_size=h,
                                      num_steps=steps))
     return impls
@@ -126,9 +158,33 @@ def sgld_chains_step(quick: bool):
 GATE = AccuracyGate(max_mean_error_sd=0.2, var_ratio_range=(0.9, 1.1))
 
 
+def effective_sample_size_fast(x: torch.Tensor) -> torch.Tensor:
+    """Pyro's :func:`pyro.ops.stats.effective_sample_size` of draws ``x (C, S, d)`` (chains,
+    samples), the same formulas (Geyer's initial monotone sequence), in ``O(S log S)``: Pyro's
+    version takes the running minimum with an ``(S/2, S/2, d)`` tensor -- 1.9 s and 1 GB for
+    10^4 draws of 10 coordinates, which would be timed with the run that made them."""
+    C, N = x.shape[:2]
+    gamma = autocovariance(x, dim=1)  # (C, N, d)
+    chain_var, chain_mean = torch.var_mean(x, dim=1)  # (C, d), unbiased
+    var_within = chain_var.mean(0)
+    var_estimator = (N - 1) / N * var_within
+    if C > 1:
+        var_estimator = var_estimator + chain_mean.var(0)
+    else:
+        var_within = var_estimator
+    rho = (var_estimator - var_within + gamma.mean(0)) / var_estimator  # (N, d)
+    rho[0] = 1
+    rho = rho if N % 2 == 0 else rho[:-1]
+    pairs = rho.reshape((N // 2, 2) + rho.shape[1:]).sum(1)
+    tau = -1 + 2 * pairs[0]
+    if pairs.shape[0] > 1:
+        tau = tau + 2 * torch.cummin(pairs[1:].clamp(min=0), dim=0).values.sum(0)
+    return C * N / tau
+
+
 def _min_ess(w: torch.Tensor) -> float:
     """Minimum over coordinates of Pyro's ESS of one chain's draws ``(S, d)``."""
-    return float(effective_sample_size(w.unsqueeze(0), 0, 1).min())
+    return float(effective_sample_size_fast(w.unsqueeze(0)).min())
 
 
 def _long_nuts(spec, num_warmup: int, num_samples: int) -> tuple[torch.Tensor, str]:
@@ -224,7 +280,7 @@ def _gated_ess(n: int, quick: bool):
           flush=True)
     ref_mean = {"w": ref["mean"].to(device)}
     ref_sd = {"w": ref["var"].sqrt().to(device)}
-    sgld_warmup, sgld_samples = (100, 1000) if quick else (200, 4000)
+    sgld_warmup, sgld_samples = (100, 10000) if quick else (100, 20000)
     nuts_warmup, nuts_samples = (100, 200) if quick else (200, 400)
 
     def summarise(w: torch.Tensor) -> dict:  # w: (S, d) draws of one chain
@@ -235,17 +291,17 @@ def _gated_ess(n: int, quick: bool):
             "var_ratio": float((w.double().var(0) / ref["var"].to(device)).mean()),
         }
 
-    def run_sgld(cls):
-        kernel = cls(spec.model, step_size=1.0 / n, subsample_size=1000, seed=0)
+    def run_sgld(cls, **options):
+        kernel = cls(spec.model, subsample_size=SGLD_BATCH, seed=0, **options)
         draws = kernel.sample_chains(
             sgld_samples,
             warmup_steps=sgld_warmup,
             model_args=spec.args,
             model_kwargs=spec.kwargs,
-            initial_params=torch.zeros(1, spec.args[0].shape[1], device=device),
             progress=False,
         )["w"][0]
-        return summarise(draws)
+        return {**summarise(draws), "step_size": kernel.schedule(0),
+                "preconditioner": kernel.scale_tril is not None}
 
     def pyro_nuts(jit_compile: bool):
         run = _pyro_nuts_runner(spec, num_warmup=nuts_warmup, num_samples=nuts_samples,
@@ -254,6 +310,7 @@ def _gated_ess(n: int, quick: bool):
 
     impls = {
         "pyroforge_cvsgld": lambda: run_sgld(CVSGLD),
+        "pyroforge_cvsgld_with_replacement": lambda: run_sgld(CVSGLD, with_replacement=True),
         "pyroforge_sgld": lambda: run_sgld(SGLD),
         "pyro_nuts_jit": pyro_nuts(True),
         "pyro_nuts": pyro_nuts(False),
@@ -265,14 +322,26 @@ def _gated_ess(n: int, quick: bool):
 
 
 _ESS_DOC = """Accuracy-gated ESS per CPU-second on logistic_regression_synthetic, N = {n} (quick:
-    {nq}), d = 10. Each call is one complete run on one chain, timed whole: CV-SGLD (L-BFGS mode
-    search included) and plain SGLD (minibatch 1000, h = 1/N, started at 0, 200 burn-in + 4000
-    kept steps; quick 100 + 1000) and NUTS (200 warm-up + 400 draws; quick 100 + 200): Pyro
-    NUTS with ``jit_compile=True`` and without, NumPyro NUTS. ``ess`` is the minimum over
-    coordinates of Pyro's ESS of the kept draws; ``mean_error_sd`` and ``var_ratio`` compare the
-    draws with a long NUTS reference (500 warm-up + 3000 draws, cached; cross-checked against
-    the Laplace approximation). Plain SGLD at h = 1/N has inflated variance and fails the gate:
-    its ESS does not count."""
+    {nq}), d = 10. Each call is one complete run on one chain, timed whole (set-up included).
+    CV-SGLD as a user would run it: ``CVSGLD(model, subsample_size=1000, seed=0)`` with every
+    other option at its default -- the L-BFGS mode search (the control variates' anchor), the
+    Laplace preconditioner, the step size chosen from the model (``step_size=None``: 0.1 in
+    whitened units here, where the control-variate gradient noise vanishes at the anchor),
+    chains started at Laplace draws, minibatches drawn without replacement, the potential
+    captured and ``block_size="auto"`` -- then 100 warm-up + 20000 kept steps (quick
+    100 + 10000): the gate's variance ratio is itself an estimate and needs an ESS of several
+    hundred to tell 1.05 (the discretisation's inflation at h = 0.1, 1 / (1 - h / 2)) from 1.1.
+    ``pyroforge_cvsgld_with_replacement``: the same with ``with_replacement=True`` (the
+    minibatch rows drawn independently: exact distinct rows cost a sort and usually a redraw
+    per step). Plain SGLD: ``SGLD(model, subsample_size=1000, seed=0)``, the same run (its default step
+    size accounts for the minibatch gradient noise, so it is small at large N). NUTS (200
+    warm-up + 400 draws; quick 100 + 200): Pyro NUTS with ``jit_compile=True`` and without,
+    NumPyro NUTS. ``ess`` is the minimum over coordinates of Pyro's ESS of the kept draws;
+    ``mean_error_sd`` and ``var_ratio`` compare the draws with a long NUTS reference (500
+    warm-up + 3000 draws, cached; cross-checked against the Laplace approximation)."""
+
+#: minibatch rows of the gated ESS benchmarks' SGLD runs
+SGLD_BATCH = 1000
 
 
 def _doc(text: str):

@@ -12,7 +12,10 @@ chains on their leading dim, and pure tensor functions:
 * ``step(state, step_size, randomness, t) -> state``: the update, a function of tensors only;
 * ``positions(state) -> (C, D)``: what a draw records (the unconstrained point);
 * ``nonfinite_error(old, new, t, note) -> Exception``: the user-facing error when a chain's new
-  state is NaN/inf (names the iteration, chains and model sites).
+  state is NaN/inf (names the iteration, chains and model sites);
+* optionally ``block_key(t) -> hashable``: declares that ``step`` can be captured as a graph
+  (:mod:`mcmc.capture`) and says what Python-level choice step ``t`` depends on (``None`` if
+  none; e.g. the shard a federated step runs on). Only such algorithms get block steps.
 
 :class:`ChainDriver` runs it: the step size ``h_t`` comes from a schedule
 (:mod:`mcmc.schedules`); every step checks the new state's tensors for NaN/inf and either raises
@@ -22,12 +25,39 @@ step). :meth:`ChainDriver.run` keeps every ``thinning``-th state after ``warmup_
 ``num_samples = 0`` runs the warm-up only and returns ``(C, 0, D)`` draws.
 :meth:`ChainDriver.state_dict` holds the state, step counter, multipliers and the generator's
 state, so a resumed run is bit-identical to an uninterrupted one.
+
+Block steps
+-----------
+With ``block_size=k`` and capture on, :meth:`ChainDriver.run` runs ``k`` steps per call of one
+captured graph: the randomness of the ``k`` steps is drawn first, from the sampler's generator
+in the order single steps draw it (``draw(state, generator, t)`` for ``t = t0, ..., t0 + k -
+1``), then the ``k`` updates run unrolled in one graph (each distinct step recorded once with
+:func:`mcmc.capture.trace_graph`, the copies joined by :func:`mcmc.capture.unroll`; the step
+sizes of a non-constant schedule are graph inputs), which also returns every step's position
+and a per-chain checksum that is non-finite whenever a state entry is. If any chain became
+NaN/inf inside the block, the block is discarded, the generator rewound to its start and the
+``k`` steps replayed one by one -- so NaN checks, step halving and their errors happen at the
+exact step, and block and single-step runs give the same draws for the same seed
+(bit-identical with the ``"script"``/``"fx"`` backends). Checkpoints fall between blocks and
+stay exact. Runs with a ``callback`` use single steps, and so do steps whose ``block_key``
+changes within the next ``k`` steps (a block never spans two keys, e.g. two federated rounds).
+
+``block_size="auto"`` (the samplers' default) is for runs of at least
+:data:`AUTO_BLOCK_MIN_STEPS` steps with at most :data:`AUTO_BLOCK_MAX_ELEMENTS` state entries
+``C * D``: blocks of :data:`AUTO_BLOCK_SIZE` steps whose captured *step* graph is called from a
+short Python loop (capturing costs about as much as one step graph), or, in runs of at least
+:data:`AUTO_UNROLL_MIN_STEPS` steps, unrolled into one graph (compiling it takes up to about a
+second; it runs faster). Blocks are kept only if timing shows they beat single steps (per-step
+Python overhead dominates small steps; a step that is mostly tensor work gains nothing). Timing
+decides only the speed: the draws are the same either way.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 import math
+import time
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple, Protocol
 
@@ -36,8 +66,9 @@ from pyro.infer.autoguide.initialization import init_to_uniform
 from pyro.infer.mcmc.mcmc_kernel import MCMCKernel
 from tqdm.auto import tqdm
 
-from .potential import Potential
-from .schedules import as_schedule
+from .capture import CaptureError, compile_steps, trace_graph
+from .potential import Potential, capture_option
+from .schedules import ConstantSchedule, as_schedule
 
 __all__ = [
     "ChainAlgorithm",
@@ -50,6 +81,21 @@ __all__ = [
 
 #: seconds a run must last before its progress bar appears (short runs stay quiet)
 PROGRESS_DELAY = 2.0
+#: steps per captured block with ``block_size="auto"``
+AUTO_BLOCK_SIZE = 16
+#: ``block_size="auto"`` uses blocks only when the state has at most this many entries ``C * D``
+AUTO_BLOCK_MAX_ELEMENTS = 1 << 14
+#: a driver that needs more distinct block graphs than this turns block steps off
+MAX_BLOCK_GRAPHS = 8
+#: ``block_size="auto"``: single steps timed before trying blocks, blocks timed to judge them
+AUTO_PROBE_STEPS = 10
+AUTO_PROBE_BLOCKS = 3
+#: ``block_size="auto"`` tries blocks in runs of at least this many steps, and unrolls them into
+#: one graph (dearer to compile, faster) in runs of at least ``AUTO_UNROLL_MIN_STEPS``
+AUTO_BLOCK_MIN_STEPS = 1000
+AUTO_UNROLL_MIN_STEPS = 10000
+
+logger = logging.getLogger(__name__)
 
 
 def progress_bar(total: int, *, progress: bool = True, desc: str | None = None):
@@ -82,6 +128,18 @@ class ChainAlgorithm(Protocol):
                         note: str) -> Exception: ...
 
 
+def _all_finite(state: NamedTuple) -> bool:
+    """Whether every floating-point entry of the state is finite, with one reduction per field
+    (the per-step check's fast path: a sum is finite only if all its terms are; a sum of finite
+    entries that overflows reads as False, and the caller then checks row by row)."""
+    total = None
+    for v in state:
+        if isinstance(v, torch.Tensor) and v.is_floating_point():
+            s = v.sum()
+            total = s if total is None else total + s
+    return total is None or bool(torch.isfinite(total))
+
+
 def _finite_rows(state: NamedTuple) -> torch.Tensor:
     """``(C,)`` True where every tensor field of the state is finite for that chain."""
     ok = None
@@ -91,6 +149,72 @@ def _finite_rows(state: NamedTuple) -> torch.Tensor:
                 torch.isfinite(v).expand(1)
             ok = f if ok is None else ok & f
     return ok
+
+
+def _flatten(obj, leaves: list) -> tuple:
+    """Tensors of a step's inputs (appended to ``leaves``) and a hashable description of the
+    rest (numbers are part of it: they are baked into a captured graph). Plain Python: this
+    runs for every step of a block, where ``torch.utils._pytree`` costs more than the step."""
+    if isinstance(obj, torch.Tensor):
+        leaves.append(obj)
+        return ("T", tuple(obj.shape), obj.dtype, obj.device)
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return ("C", obj)
+    if isinstance(obj, tuple) and hasattr(type(obj), "_fields"):
+        return ("N", type(obj), tuple(_flatten(v, leaves) for v in obj))
+    if isinstance(obj, (tuple, list)):
+        return (type(obj), tuple(_flatten(v, leaves) for v in obj))
+    if isinstance(obj, dict):
+        keys = tuple(obj)
+        return ("D", keys, tuple(_flatten(obj[k], leaves) for k in keys))
+    raise CaptureError(f"block steps cannot pass a {type(obj).__name__} between steps")
+
+
+def _leaves(obj, out: list) -> None:
+    """Append the tensors of ``obj`` to ``out`` in :func:`_flatten`'s order."""
+    if isinstance(obj, torch.Tensor):
+        out.append(obj)
+    elif isinstance(obj, (tuple, list)):
+        for v in obj:
+            _leaves(v, out)
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            _leaves(v, out)
+
+
+def _unflatten(spec: tuple, leaves) -> object:
+    """Inverse of :func:`_flatten` (``leaves``: an iterator over the tensors)."""
+    kind = spec[0]
+    if kind == "T":
+        return next(leaves)
+    if kind == "C":
+        return spec[1]
+    if kind == "N":
+        return spec[1](*(_unflatten(c, leaves) for c in spec[2]))
+    if kind == "D":
+        return {k: _unflatten(c, leaves) for k, c in zip(spec[1], spec[2])}
+    return kind(_unflatten(c, leaves) for c in spec[1])
+
+
+def _checksum(state: NamedTuple, position: torch.Tensor) -> torch.Tensor:
+    """``(C,)`` sum of every floating-point entry of each chain's state: non-finite whenever an
+    entry is (a cheaper test than :func:`_finite_rows` inside a block; a finite overflow to inf
+    only makes the driver replay the block step by step)."""
+    total = None
+    for v in state:
+        if isinstance(v, torch.Tensor) and v.is_floating_point():
+            part = v.reshape(v.shape[0], -1).sum(-1) if v.dim() > 1 else v
+            total = part if total is None else total + part
+    return position.new_zeros(position.shape[0]) if total is None else total
+
+
+def _block_size_option(block_size, owner: str) -> int | str:
+    if block_size == "auto":
+        return "auto"
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"{owner}(..., block_size={block_size!r}): block_size must be an int >= 1 "
+                         "or 'auto'")
+    return block_size
 
 
 def _where(bad: torch.Tensor, new: NamedTuple, old: NamedTuple) -> NamedTuple:
@@ -114,6 +238,10 @@ class ChainDriver:
         on_nonfinite: ``"raise"`` or ``"halve"``.
         max_halvings: how many halvings one step may try before giving up.
         name: shown on the progress bar.
+        block_size: steps per captured call in :meth:`run` (an int ``k >= 1``, or ``"auto"``;
+            see the module docstring). Needs an algorithm with ``block_key``.
+        capture: the capture backend of the block graphs (``"auto"``, ``"script"``, ``"fx"``,
+            ``"inductor"``) or ``"off"`` (single steps only).
 
     Attributes:
         state: the algorithm's state (``None`` before :meth:`start`).
@@ -131,9 +259,18 @@ class ChainDriver:
         on_nonfinite: str = "raise",
         max_halvings: int = 20,
         name: str | None = None,
+        block_size: int | str = 1,
+        capture: str | bool = "auto",
     ) -> None:
         if on_nonfinite not in ("raise", "halve"):
             raise ValueError(f"on_nonfinite must be 'raise' or 'halve', got {on_nonfinite!r}")
+        self.block_size = _block_size_option(block_size, "ChainDriver")
+        self.capture = capture_option(capture, "ChainDriver")
+        self._blocks: dict = {}  # block key -> CapturedGraph; ("step", key) -> step graph
+        self._block_failure: str | None = None
+        self._auto: bool | None = None  # block_size="auto": None until timed
+        self._single_times: list[float] = []
+        self._block_times: list[float] = []
         self.algorithm = algorithm
         self.schedule = as_schedule(step_size)
         self.generator = generator
@@ -178,6 +315,8 @@ class ChainDriver:
         new = algo.step(state, size, algo.draw(state, self.generator, t), t)
         halvings = 0
         while True:
+            if _all_finite(new):
+                break
             ok = _finite_rows(new)
             if ok is None or bool(ok.all()):
                 break
@@ -205,20 +344,49 @@ class ChainDriver:
     ) -> torch.Tensor:
         """``warmup_steps`` steps, then ``num_samples * thinning`` steps keeping every
         ``thinning``-th position: returns ``(C, num_samples, D)``. ``callback(t, state)`` runs
-        after every step."""
+        after every step (and turns block steps off)."""
         check_run_lengths(num_samples, warmup_steps, thinning, "run")
         pos = self.algorithm.positions(self.state)
         draws = pos.new_empty((pos.shape[0], num_samples, pos.shape[1]))
         total = warmup_steps + num_samples * thinning
+        k = 1 if callback is not None else self.block_length(total)
+        # "auto": unrolled blocks (faster, dearer to compile) only in long runs
+        unrolled = self.block_size != "auto" or total >= AUTO_UNROLL_MIN_STEPS
+        i = 0
         with progress_bar(total, progress=progress, desc=self.name) as bar:
-            for i in range(total):
-                state = self.step()
-                k = i - warmup_steps + 1
-                if k > 0 and k % thinning == 0:
-                    draws[:, k // thinning - 1] = self.algorithm.positions(state)
-                if callback is not None:
-                    callback(self.t, state)
-                bar.update()
+            while i < total:
+                n = 1
+                if (k > 1 and total - i >= k and self._block_failure is None
+                        and self._auto is not False and self._uniform_keys(k)):
+                    if self.block_size == "auto" and self._auto is None \
+                            and len(self._single_times) < AUTO_PROBE_STEPS:
+                        n = 0  # "auto": time single steps first (below)
+                    else:
+                        start = time.perf_counter()
+                        block = self._block(k, unrolled)
+                        if block is not None:
+                            self._judge_blocks(k, time.perf_counter() - start)
+                            steps = [s for s in range(i, i + k) if s >= warmup_steps
+                                     and (s - warmup_steps + 1) % thinning == 0]
+                            if steps:
+                                slots = [(s - warmup_steps + 1) // thinning - 1 for s in steps]
+                                draws[:, slots] = block[[s - i for s in steps]].transpose(0, 1)
+                            i += k
+                            bar.update(k)
+                            continue
+                        n = k  # the block was not run: its steps one by one
+                for _ in range(max(n, 1)):
+                    start = time.perf_counter()
+                    state = self.step()
+                    if n == 0:
+                        self._single_times.append(time.perf_counter() - start)
+                    j = i - warmup_steps + 1
+                    if j > 0 and j % thinning == 0:
+                        draws[:, j // thinning - 1] = self.algorithm.positions(state)
+                    if callback is not None:
+                        callback(self.t, state)
+                    i += 1
+                    bar.update()
         return draws
 
     # ------------------------------------------------------------------ checkpoints
@@ -248,6 +416,158 @@ class ChainDriver:
         self.multiplier = sd["multiplier"].clone()
         self.num_halvings = int(sd["num_halvings"])
         self.generator.set_state(sd["rng_state"])
+
+    # ------------------------------------------------------------------ block steps
+    def block_length(self, total_steps: int) -> int:
+        """Steps per captured block for a run of ``total_steps`` (1: single steps)."""
+        if (self.capture == "off" or self.state is None or self._block_failure is not None
+                or not hasattr(self.algorithm, "block_key")):
+            return 1
+        if self.block_size != "auto":
+            return self.block_size
+        pos = self.algorithm.positions(self.state)
+        if self._auto is False or pos.numel() > AUTO_BLOCK_MAX_ELEMENTS:
+            return 1
+        if self._auto is None and total_steps < AUTO_BLOCK_MIN_STEPS:
+            return 1
+        return AUTO_BLOCK_SIZE
+
+    def _judge_blocks(self, k: int, seconds: float) -> None:
+        """``block_size="auto"``: keep blocks only if they beat single steps (timed: the draws
+        are the same either way). The first block (its capture) is not counted."""
+        if self.block_size != "auto" or self._auto is not None:
+            return
+        self._block_times.append(seconds / k)
+        if len(self._block_times) <= AUTO_PROBE_BLOCKS:
+            return
+        single = sorted(self._single_times[2:])[len(self._single_times[2:]) // 2]
+        block = sorted(self._block_times[1:])[len(self._block_times[1:]) // 2]
+        self._auto = block < 0.9 * single
+        logger.debug(f"{self.name}: block_size='auto': {k} steps per block take "
+                     f"{1e3 * block:.3g} ms/step vs {1e3 * single:.3g} ms/step single: "
+                     f"{'block steps' if self._auto else 'single steps'}")
+
+    def _uniform_keys(self, k: int) -> bool:
+        """Whether the next ``k`` steps share one ``block_key`` (a block spans one kind of step
+        only, e.g. one shard's round: single steps run up to the next change)."""
+        key = self.algorithm.block_key(self.t)
+        return all(self.algorithm.block_key(self.t + j) == key for j in range(1, k))
+
+    @property
+    def capture_info(self) -> dict:
+        """Block steps so far: ``{"block_graphs": number captured, "backend": what runs them
+        (None before the first), "off": why block steps were turned off (or None), "auto":
+        the timing decision of ``block_size="auto"`` (None while undecided)}``."""
+        graphs = [g for key, g in self._blocks.items() if key[0] != "step"]
+        return {"block_graphs": len(graphs), "backend": graphs[-1].backend if graphs else None,
+                "off": self._block_failure, "auto": self._auto}
+
+    def clear_captures(self) -> None:
+        """Forget the captured blocks (their graphs hold the sampler's constants: call this
+        when the sampler's potential or constants change)."""
+        self._blocks.clear()
+        self._block_failure = None
+        self._auto = None
+        self._single_times.clear()
+        self._block_times.clear()
+
+    def _block(self, k: int, unrolled: bool = True) -> torch.Tensor | None:
+        """Run ``k`` steps as one captured graph; returns their positions ``(k, C, D)``, or
+        ``None`` (generator rewound, nothing changed) when the block cannot be captured or a
+        chain became non-finite in it."""
+        algo, state, t0 = self.algorithm, self.state, self.t
+        gen_state = self.generator.get_state()
+        hs = [self.step_size_at(t0 + j) for j in range(k)]
+        rand = [algo.draw(state, self.generator, t0 + j) for j in range(k)]
+        pos = algo.positions(state)
+        if self.on_nonfinite == "halve":
+            sizes = [h * self.multiplier for h in hs]
+        elif isinstance(self.schedule, ConstantSchedule):
+            sizes = hs  # constant: part of the graph
+        else:  # a schedule: graph inputs (float64 scalars round exactly as Python floats)
+            sizes = [torch.tensor(h, dtype=torch.float64, device=pos.device) for h in hs]
+        inputs: list = []
+        state_spec = _flatten(state, inputs)
+        num_carry = len(inputs)
+        spec = _flatten((sizes[0], rand[0]), inputs)
+        shapes = [v.shape for v in inputs[num_carry:]]
+        for j in range(1, k):  # the steps draw alike: check shapes only (cheap)
+            start = len(inputs)
+            _leaves((sizes[j], rand[j]), inputs)
+            if [v.shape for v in inputs[start:]] != shapes:
+                self._block_failure = "the steps' randomness differs in structure"
+                self.generator.set_state(gen_state)
+                return None
+        steps = [((algo.block_key(t0 + j), state_spec, spec), t0 + j) for j in range(k)]
+        block_key = (k, unrolled) + tuple(step[0][0] for step in steps) + (state_spec, spec)
+        graph = self._blocks.get(block_key)
+        if graph is None:
+            try:
+                one = [self._step_graph(key, t) for key, t in steps]
+                graph = compile_steps(one, num_carry, inputs, self.capture, unrolled=unrolled)
+            except CaptureError as e:
+                self._block_failure = e.reason
+                logger.info(f"{self.name}: block steps are off (capture is not possible: "
+                            f"{e.reason}); running single steps")
+                self.generator.set_state(gen_state)
+                return None
+            logger.debug(f"{self.name}: {k} steps captured as one graph ({graph.backend})")
+            self._blocks[block_key] = graph
+            if sum(1 for key in self._blocks if key[0] != "step") > MAX_BLOCK_GRAPHS:
+                self._block_failure = f"more than {MAX_BLOCK_GRAPHS} distinct blocks"
+                logger.info(f"{self.name}: block steps are off ({self._block_failure}); running "
+                            "single steps")
+        out = graph(*inputs)
+        if not bool(torch.isfinite(out[-1]).all()):
+            self.generator.set_state(gen_state)
+            return None
+        self.state = _unflatten(state_spec, iter(out[:num_carry]))
+        self.t = t0 + k
+        return out[-2]
+
+    def _step_graph(self, key, t: int):
+        """The FX graph of one step ``(state..., size..., randomness...) -> (state'...,
+        position, checksum)``, traced once per step ``key`` (the algorithm's ``block_key``
+        and the structure of the step's inputs)."""
+        gm = self._blocks.get(("step",) + key)
+        if gm is not None:
+            return gm
+        algo = self.algorithm
+        _, state_spec, spec = key
+        examples: list = []
+        _unflatten_examples(state_spec, examples)
+        num_carry = len(examples)
+        _unflatten_examples(spec, examples)
+
+        def one(*inputs):
+            state = _unflatten(state_spec, iter(inputs[:num_carry]))
+            size, randomness = _unflatten(spec, iter(inputs[num_carry:]))
+            new = algo.step(state, size, randomness, t)
+            flat: list = []
+            if _flatten(new, flat) != state_spec:
+                raise CaptureError("a step changes the structure of the sampler's state")
+            position = algo.positions(new)
+            return (*flat, position, _checksum(new, position))
+
+        # the drawn row indices (the integer tensors among the randomness) are valid rows
+        gather = [i for i, v in enumerate(examples)
+                  if i >= num_carry and not v.is_floating_point()]
+        gm, _ = trace_graph(one, examples, gather_inputs=gather)
+        self._blocks[("step",) + key] = gm
+        return gm
+
+
+def _unflatten_examples(spec: tuple, out: list) -> None:
+    """Append an example tensor (zeros) for every tensor leaf of a :func:`_flatten` spec."""
+    kind = spec[0]
+    if kind == "T":
+        out.append(torch.zeros(spec[1], dtype=spec[2], device=spec[3]))
+    elif kind == "N" or kind == "D":
+        for c in spec[2]:
+            _unflatten_examples(c, out)
+    elif kind != "C":
+        for c in spec[1]:
+            _unflatten_examples(c, out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -288,6 +608,11 @@ class LangevinKernel(MCMCKernel):
         seed: seed of the sampler's ``torch.Generator`` (default: drawn from torch's global RNG
             at set-up, so ``pyro.set_rng_seed`` makes runs reproducible).
         vectorize: how many chains are evaluated (:class:`~mcmc.potential.Potential`).
+        capture: ``"auto"`` (default): the potential, and blocks of steps, run as captured
+            graphs where possible (eager with one log line otherwise); ``"script"``, ``"fx"``,
+            ``"inductor"`` (a backend, :mod:`mcmc.capture`) or ``"off"``.
+        block_size: steps per captured call in :meth:`sample_chains` (``"auto"`` or an int;
+            see :mod:`mcmc.chains`); the draws do not depend on it.
 
     Checkpoints: :meth:`state_dict` / :meth:`load_state_dict` (bit-identical continuation; the
     next run must use the checkpoint's number of chains).
@@ -310,8 +635,12 @@ class LangevinKernel(MCMCKernel):
         max_halvings: int = 20,
         seed: int | None = None,
         vectorize: str = "auto",
+        capture: str | bool = "auto",
+        block_size: int | str = "auto",
     ) -> None:
         name = type(self).__name__
+        self.capture = capture_option(capture, name)
+        self.block_size = _block_size_option(block_size, name)
         if model is None and potential is None:
             raise ValueError(f"{name}: give a Pyro `model` or a ready `potential`")
         self.model = model
@@ -384,10 +713,13 @@ class LangevinKernel(MCMCKernel):
             self.potential = Potential(
                 self.model, model_args, model_kwargs, max_plate_nesting=self.max_plate_nesting,
                 init_strategy=self.init_strategy, subsample_size=self.subsample_size,
-                vectorize=self.vectorize, owner=type(self).__name__, **self._potential_options(),
+                vectorize=self.vectorize, owner=type(self).__name__, capture=self.capture,
+                **self._potential_options(),
             )
             self._model_key = key
             self._on_new_potential()
+            if self._driver is not None:
+                self._driver.clear_captures()  # block graphs hold the old potential's data
             if self._driver is not None and self._driver.state is not None:
                 # the state's (U, grad U) belong to the old data: recompute them at its points
                 self._driver.state = self.init(self.positions(self._driver.state))
@@ -405,7 +737,8 @@ class LangevinKernel(MCMCKernel):
     def _new_driver(self) -> ChainDriver:
         return ChainDriver(self, self.schedule, generator=self.generator,
                            on_nonfinite=self.on_nonfinite, max_halvings=self.max_halvings,
-                           name=type(self).__name__)
+                           name=type(self).__name__, block_size=self.block_size,
+                           capture=self.capture)
 
     def init_state(self, num_chains: int, initial_z: torch.Tensor | None = None) -> None:
         """Fresh chains: ``num_chains`` of them, at ``initial_z`` ``(C, D)`` if given."""
@@ -460,6 +793,11 @@ class LangevinKernel(MCMCKernel):
     @staticmethod
     def positions(state) -> torch.Tensor:
         return state.z
+
+    def block_key(self, t: int) -> None:
+        """Steps do not depend on ``t`` beyond their inputs: any ``k`` of them can run as one
+        captured block (:class:`ChainDriver`)."""
+        return
 
     def nonfinite_error(self, old, new, t: int, note: str = "") -> FloatingPointError:
         """The error for chains whose new state is NaN/inf: iteration, chains, sites."""

@@ -322,6 +322,8 @@ class ParticleSampler:
             flat ``ImproperUniform`` priors.
         vectorize: how the particles are evaluated (:class:`mcmc.potential.Potential`: a particle
             plate when the model broadcasts, else ``torch.func.vmap``, else a loop).
+        capture: the potential's gradients as a captured graph (``"auto"``, a backend or
+            ``"off"``; see :mod:`mcmc.potential`).
         initial_particles: ``(N, D)`` unconstrained tensor, or ``{site: (N, *shape)}``
             constrained values, instead of ``init_strategy``.
 
@@ -386,7 +388,11 @@ class ParticleSampler:
         vectorize: str = "auto",
         precondition: str | None = "laplace",
         warmup_steps: int = 200,
+        capture: str | bool = "auto",
     ) -> None:
+        from .potential import capture_option
+
+        self.capture = capture_option(capture, type(self).__name__)
         if isinstance(num_particles, bool) or not isinstance(num_particles, int):
             raise TypeError(f"num_particles must be an int, got {type(num_particles).__name__}")
         if num_particles < 2:
@@ -448,7 +454,7 @@ class ParticleSampler:
             self._potential = Potential(
                 self.model, args, kwargs, max_plate_nesting=self.max_plate_nesting,
                 init_strategy=self.init_strategy or init_to_sample, vectorize=self.vectorize,
-                owner=type(self).__name__,
+                owner=type(self).__name__, capture=self.capture,
             )
         elif key != self._args_key:
             # New data (e.g. a minibatch passed as an argument): same sites and transforms,

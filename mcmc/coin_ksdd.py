@@ -57,7 +57,7 @@ class CoinKSDD(ParticleSampler):
             :class:`mcmc.coin.FunctionPotential` do).
         kernel: a :class:`mcmc.kernels.StationaryKernel` (default ``IMQKernel()``).
         num_particles, max_plate_nesting, optim, init_strategy, initial_particles, vectorize,
-            precondition, warmup_steps: see :class:`mcmc.coin.ParticleSampler` (default:
+            precondition, warmup_steps, capture: see :class:`mcmc.coin.ParticleSampler` (default:
             Laplace-whitened particles started at Laplace draws, which also answers the caveat
             above).
         chunk_size: rows per Stein-kernel block.
@@ -79,11 +79,12 @@ class CoinKSDD(ParticleSampler):
         vectorize: str = "auto",
         precondition: str | None = "laplace",
         warmup_steps: int = 200,
+        capture: str | bool = "auto",
     ) -> None:
         super().__init__(model, num_particles, max_plate_nesting=max_plate_nesting, optim=optim,
                          init_strategy=init_strategy, initial_particles=initial_particles,
                          vectorize=vectorize, precondition=precondition,
-                         warmup_steps=warmup_steps)
+                         warmup_steps=warmup_steps, capture=capture)
         kernel = IMQKernel() if kernel is None else kernel
         if not isinstance(kernel, StationaryKernel):
             raise TypeError(f"kernel must be a mcmc.kernels.StationaryKernel, got "

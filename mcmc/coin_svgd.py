@@ -74,7 +74,7 @@ class CoinSVGD(ParticleSampler):
         optim: ``None`` for coin betting; a ``pyro.optim.PyroOptim`` or ``params -> Optimizer``
             for ordinary (learning-rate) SVGD on the same code path.
         chunk_size: rows per kernel block (memory ``O(chunk_size * N)``).
-        init_strategy, initial_particles, vectorize, precondition, warmup_steps: see
+        init_strategy, initial_particles, vectorize, precondition, warmup_steps, capture: see
             :class:`mcmc.coin.ParticleSampler` (default: Laplace-whitened particles started at
             Laplace draws, the whitening re-fitted to the particles during 200 warm-up steps;
             ``precondition=None`` with ``RBFKernel(median_rule="liu_wang")`` is the paper's
@@ -103,6 +103,7 @@ class CoinSVGD(ParticleSampler):
         vectorize: str = "auto",
         precondition: str | None = "laplace",
         warmup_steps: int = 200,
+        capture: str | bool = "auto",
     ) -> None:
         super().__init__(
             model,
@@ -114,6 +115,7 @@ class CoinSVGD(ParticleSampler):
             vectorize=vectorize,
             precondition=precondition,
             warmup_steps=warmup_steps,
+            capture=capture,
         )
         kernel = RBFKernel() if kernel is None else kernel
         if isinstance(kernel, SteinKernel):

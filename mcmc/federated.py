@@ -65,7 +65,7 @@ from pyro.poutine.util import site_is_subsample
 
 from .chains import ChainDriver, StepRandomness, check_run_lengths
 from .laplace import find_mode
-from .potential import Potential, check_finite
+from .potential import Potential, capture_option, check_finite
 from .schedules import as_schedule
 from .sgld import sgld_step
 
@@ -155,6 +155,7 @@ class ShardWorker:
         subsample_size: int | Mapping[str, int] | None = None,
         init_strategy: Callable = init_to_uniform,
         vectorize: str = "auto",
+        capture: str | bool = "auto",
     ) -> None:
         self.index = index
         model_kwargs = dict(model_kwargs or {})
@@ -164,7 +165,7 @@ class ShardWorker:
         self.likelihood_scale = _ScaleLikelihood(1.0) if scale_likelihood else None
         local = model if self.likelihood_scale is None else self.likelihood_scale(model)
         common = {"max_plate_nesting": max_plate_nesting, "init_strategy": init_strategy,
-                  "vectorize": vectorize, "owner": "FederatedSGLD"}
+                  "vectorize": vectorize, "owner": "FederatedSGLD", "capture": capture}
         try:
             self.potential = Potential(local, model_args, model_kwargs,
                                        subsample_size=subsample_size, **common)
@@ -182,8 +183,10 @@ class ShardWorker:
 
     def set_visit_probability(self, p_s: float) -> None:
         """Scale the likelihood by ``1 / p_s`` (when the sampler does the scaling)."""
-        if self.likelihood_scale is not None:
+        if self.likelihood_scale is not None and self.likelihood_scale.scale != 1.0 / p_s:
             self.likelihood_scale.scale = 1.0 / p_s
+            self.potential.clear_captures()  # the scale is frozen into captured graphs
+            self.prior.clear_captures()
 
     def fit_approximation(self, p_s: float, mode_steps: int = 200) -> ShardApproximation:
         """Fit ``q_s`` (see the module docstring); deterministic (starts at ``z = 0``)."""
@@ -249,8 +252,9 @@ class FederatedSGLD:
         seed: seed of the chains' generator (noise, minibatches, initial points) and, plus one,
             of the shard-visit schedule.
         mode_steps: L-BFGS iterations for each ``q_s`` fit.
-        init_strategy, max_plate_nesting, with_replacement, vectorize: as for
-            :class:`mcmc.sgld.SGLD`.
+        init_strategy, max_plate_nesting, with_replacement, vectorize, capture, block_size: as
+            for :class:`mcmc.sgld.SGLD` (block steps in :meth:`sample_chains` only: a round of
+            :meth:`run_round` is short and starts a fresh driver).
         shard_indices: build only these shards (distributed workers build their own one).
         shard_sizes: ``N_s`` of every shard (needed with ``shard_indices``).
     """
@@ -272,6 +276,8 @@ class FederatedSGLD:
         init_strategy: Callable = init_to_uniform,
         with_replacement: bool = False,
         vectorize: str = "auto",
+        capture: str | bool = "auto",
+        block_size: int | str = "auto",
         shard_indices: Sequence[int] | None = None,
         shard_sizes: Sequence[int] | None = None,
     ) -> None:
@@ -300,6 +306,8 @@ class FederatedSGLD:
         self.seed = int(seed)
         self.mode_steps = mode_steps
         self.init_strategy = init_strategy
+        self.capture = capture_option(capture, "FederatedSGLD")
+        self.block_size = block_size
         idx = range(self.num_shards) if shard_indices is None else shard_indices
         self.workers: dict[int, ShardWorker] = {}
         for s in idx:
@@ -307,7 +315,7 @@ class FederatedSGLD:
             self.workers[s] = ShardWorker(
                 s, model, tuple(args), kwargs, scale_likelihood=scale_likelihood,
                 max_plate_nesting=max_plate_nesting, subsample_size=subsample_size,
-                init_strategy=init_strategy, vectorize=vectorize,
+                init_strategy=init_strategy, vectorize=vectorize, capture=capture,
             )
         _check_shards(list(self.workers.values()))
         if shard_sizes is None:
@@ -344,6 +352,8 @@ class FederatedSGLD:
         self.shard_probs = probs
         for s, w in self.workers.items():
             w.set_visit_probability(probs[s])
+        if getattr(self, "_driver", None) is not None:
+            self._driver.clear_captures()
         if hasattr(self, "_schedule"):
             del self._schedule
 
@@ -362,6 +372,8 @@ class FederatedSGLD:
         # summed in shard order, so every process gets the same bits
         self._sum_precision = sum(approximations[s].precision for s in range(self.num_shards))
         self._sum_eta = sum(approximations[s].eta for s in range(self.num_shards))
+        if getattr(self, "_driver", None) is not None:
+            self._driver.clear_captures()  # captured blocks hold the old approximations
 
     # ------------------------------------------------------------------ the schedule
     def shard_for_round(self, r: int) -> int:
@@ -428,6 +440,11 @@ class FederatedSGLD:
     def positions(state: FederatedState) -> torch.Tensor:
         return state.z
 
+    def block_key(self, t: int) -> int:
+        """Step ``t`` runs on shard :meth:`shard_for_step` ``(t)``: blocks are captured per
+        sequence of shards (see :class:`mcmc.chains.ChainDriver`)."""
+        return self.shard_for_step(t)
+
     def nonfinite_error(self, old, new, t: int, note: str = "") -> FloatingPointError:
         s = self.shard_for_step(t)
         pot = self.workers[s].potential
@@ -470,13 +487,15 @@ class FederatedSGLD:
             )
         return z.detach().clone()
 
-    def _new_driver(self, z: torch.Tensor, t: int, rng_state: torch.Tensor | None):
+    def _new_driver(self, z: torch.Tensor, t: int, rng_state: torch.Tensor | None,
+                    block_size: int | str = 1):
         gen = torch.Generator(device=self.device)
         if rng_state is None:
             gen.manual_seed(self.seed)
         else:
             gen.set_state(rng_state)
-        driver = ChainDriver(self, self.schedule, generator=gen, name=self.method.upper())
+        driver = ChainDriver(self, self.schedule, generator=gen, name=self.method.upper(),
+                             block_size=block_size, capture=self.capture)
         driver.start(z, t=t)
         return driver
 
@@ -536,7 +555,8 @@ class FederatedSGLD:
         self._prepare()
         held = None if self._driver is None else self._driver.num_chains
         if initial_params is not None or held is None:
-            self._driver = self._new_driver(self._initial_z(num_chains, initial_params), 0, None)
+            self._driver = self._new_driver(self._initial_z(num_chains, initial_params), 0, None,
+                                            self.block_size)
         elif held != num_chains:
             raise ValueError(
                 f"FederatedSGLD.sample_chains(..., num_chains={num_chains}): the sampler holds "
@@ -579,7 +599,7 @@ class FederatedSGLD:
         if hasattr(self, "_schedule"):
             del self._schedule
         z = sd["driver"]["state"]["z"]
-        self._driver = self._new_driver(z, int(sd["driver"]["t"]), None)
+        self._driver = self._new_driver(z, int(sd["driver"]["t"]), None, self.block_size)
         self._driver.load_state_dict(sd["driver"], FederatedState)
 
     def constrain(self, draws: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -67,10 +67,36 @@ Per-chain minibatches (indices of shape ``(C, B)``) always use ``vmap`` (or the 
 chain evaluates its own ``B`` rows, ``C * B`` rows in all, fixed shapes. One log line
 (logger ``mcmc.potential``; INFO, WARNING for the loop) says which path was taken and why.
 Vectorisation is an optimisation, never a requirement.
+
+Capture
+-------
+:meth:`Potential.value_and_grad` is Python-heavy: one Pyro model run under poutine handlers
+(plus ``vmap`` or the chain plate), distribution objects and an autograd pass per call, while
+the tensor work (for a minibatch of ``B`` rows) is small. With ``capture="auto"`` (the
+default) the whole evaluation -- ``U`` and ``grad U`` for all ``C`` chains, on the path chosen
+above -- is recorded once per *cache key* (number of chains, minibatch plates and sizes, the
+data's shapes, dtype, device) with :func:`mcmc.capture.capture` (``make_fx``: the Pyro/poutine
+Python runs once, the aten operations are kept) and replayed from then on as a flat graph
+(TorchScript; ``capture="inductor"`` compiles it with TorchInductor instead, ``"fx"`` runs the
+FX graph's Python, ``"off"`` never captures). Chain states, minibatch row indices and the
+model's tensor arguments are graph inputs, so the minibatches drawn each step and new data of
+the same shapes reuse the graph. A key is captured at its second use (one-off evaluations --
+initialisation, error reports -- stay eager) and the graph is checked against the eager result
+there. The row gathers ``X[idx]`` of the model by the plate's indices run as ``index_select``
+in the graph.
+
+With ``"script"``/``"fx"`` the captured values are bit-identical to eager evaluation. Capture is
+not possible -- and the potential stays eager, with **one** log line (logger ``mcmc.potential``)
+saying why -- when the model reads tensor values in Python (``.item()``, ``float(t)``, Python
+control flow on a tensor value), has data-dependent shapes (``x[mask]``, ``nonzero``), draws
+random numbers itself, or has ``pyro.param`` sites (their values would be frozen into the
+graph; they are not lifted to graph inputs). Captured graphs skip Pyro's per-call validation of
+observed values (every key's first evaluation is eager and validated).
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import math
@@ -86,10 +112,15 @@ from pyro.distributions.transforms import biject_to
 from pyro.distributions.util import scale_and_mask
 from pyro.infer.autoguide.initialization import InitMessenger, init_to_uniform
 from pyro.poutine.util import site_is_subsample
+from torch.utils import _pytree as pytree
+
+from .capture import BACKENDS, CapturedGraph, CaptureError, is_tracing, no_sample_validation
+from .capture import capture as capture_graph
 
 __all__ = [
     "MinibatchPlate",
     "Potential",
+    "capture_option",
     "check_finite",
     "draw_rows",
     "infer_max_plate_nesting",
@@ -99,6 +130,21 @@ logger = logging.getLogger(__name__)
 
 _CHAIN_PLATE = "_chains"
 _VECTORIZE = ("auto", "plate", "vmap", "loop")
+#: full-data evaluations of a model-subsampled plate in more chunks than this are not captured
+_MAX_CAPTURED_CHUNKS = 16
+
+
+def capture_option(capture, owner: str = "Potential") -> str:
+    """Normalise a ``capture=`` argument: ``True``/``"auto"`` -> ``"auto"``; ``False``/``None``/
+    ``"off"`` -> ``"off"``; or a backend of :data:`mcmc.capture.BACKENDS`."""
+    if capture is True:
+        return "auto"
+    if capture is False or capture is None or capture == "off":
+        return "off"
+    if isinstance(capture, str) and capture in BACKENDS:
+        return capture
+    raise ValueError(f"{owner}(..., capture={capture!r}): capture must be one of "
+                     f"{('off',) + BACKENDS} (or True/False)")
 
 
 def check_finite(
@@ -238,6 +284,21 @@ def _grad_or_zero(u: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(z) if g is None else g
 
 
+class _CapturedPotential:
+    """A captured :meth:`Potential.value_and_grad`: ``(z, indices) -> (U, grad U)``."""
+
+    __slots__ = ("graph", "names")
+
+    def __init__(self, graph: CapturedGraph, names: list[str]):
+        self.graph = graph
+        self.names = names
+
+    def __call__(self, z, indices, data):
+        idx = [] if indices is None else [indices[k] for k in self.names]
+        u, g = self.graph(z, *idx, *data)
+        return u, g
+
+
 def _first_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return f"{type(err).__name__}: {text[0][:300] if text else ''}"
@@ -259,6 +320,9 @@ class Potential:
             an int ``B`` (the model's one data plate) or ``{plate: B}``.
         vectorize: ``"auto"`` (default: chain plate if the model broadcasts, else ``vmap``, else
             a loop), or force ``"plate"``, ``"vmap"`` or ``"loop"``.
+        capture: ``"auto"`` (default: :meth:`value_and_grad` runs as a captured graph where
+            possible, else eagerly with one log line saying why), ``"script"``, ``"fx"``,
+            ``"inductor"`` (a backend, see :mod:`mcmc.capture`) or ``"off"``.
         owner: how the user spells the sampler that owns this potential (e.g. ``"SGLD"``), for
             error messages such as ``SGLD(..., subsample_size=...)``.
 
@@ -287,7 +351,9 @@ class Potential:
         subsample_size: int | Mapping[str, int] | None = None,
         vectorize: str = "auto",
         owner: str = "Potential",
+        capture: str | bool = "auto",
     ) -> None:
+        self.capture_mode = capture_option(capture, owner)
         if vectorize not in _VECTORIZE:
             raise ValueError(f"vectorize must be one of {_VECTORIZE}, got {vectorize!r}")
         if max_plate_nesting is not None and (
@@ -352,6 +418,11 @@ class Potential:
         self._z0 = self.pack({k: proto.nodes[k]["value"].detach() for k in self._sites})
         self.minibatch_plates = self._resolve_minibatch(proto, subsample_size)
         self._chunk_cache: list | None = None
+        self._param_sites = [k for k, node in proto.nodes.items() if node["type"] == "param"]
+        self._captures: dict = {}  # cache key -> _CapturedPotential, or the reason it failed
+        self._capture_uses: dict = {}  # cache key -> evaluations so far (captured at 2nd use)
+        self._capture_logged: set = set()
+        self._data_cache = None
         if any(not p.declared for p in self.minibatch_plates.values()):
             self._check_requested_minibatch()
 
@@ -757,7 +828,10 @@ class Potential:
 
     def _vmapped(self, per_chain, has_rows, has_weights, include_global):
         def one(values, rows, weights):
-            return self._one(values, rows, weights, include_global)
+            # Python checks of values cannot run under vmap: Pyro's validation of samples
+            # would fail there (e.g. at NaN states) instead of giving NaN log-densities
+            with pyro.validation_enabled(False), no_sample_validation():
+                return self._one(values, rows, weights, include_global)
 
         in_dims = (0, 0 if (per_chain and has_rows) else None, None)
         return torch.func.vmap(one, in_dims=in_dims)
@@ -922,14 +996,192 @@ class Potential:
         """``(U(z) (C,), grad U(z) (C, D))``, both detached; arguments as :meth:`__call__`.
 
         A potential that does not depend on ``z`` at all (e.g. every term excluded) has a zero
-        gradient.
+        gradient. With ``capture`` on (see the module docstring) the evaluation runs as a
+        captured graph from the second call with the same shapes on.
         """
         self._check_z(z)
+        if is_tracing():  # inside a capture (e.g. a block of sampler steps): record eager code
+            if self._param_sites:
+                raise CaptureError(self._param_reason())
+            return self._value_and_grad_eager(z, indices)
+        if self.capture_mode != "off":
+            key = self._capture_key(z, indices)
+            entry = self._captures.get(key)
+            if entry is not None:
+                if isinstance(entry, _CapturedPotential):
+                    return entry(z, indices, self._data_inputs()[0])
+            else:
+                uses = self._capture_uses.get(key, 0) + 1
+                self._capture_uses[key] = uses
+                if uses >= 2:
+                    reference = self._value_and_grad_eager(z, indices)
+                    self._capture_key_now(key, z, indices, self.capture_mode, reference)
+                    return reference
+        return self._value_and_grad_eager(z, indices)
+
+    def _value_and_grad_eager(self, z, indices):
         with torch.enable_grad():
             zz = z.detach().requires_grad_(True)
             u = self(zz, indices)
             g = _grad_or_zero(u, zz)
         return u.detach(), g.detach()
+
+    # ------------------------------------------------------------------ capture
+    def capture(
+        self,
+        z: torch.Tensor,
+        indices: dict[str, torch.Tensor] | None = None,
+        *,
+        backend: str | None = None,
+    ) -> Callable:
+        """Capture :meth:`value_and_grad` now for the shapes of ``z (C, D)`` and ``indices``
+        (see the module docstring) and return it: ``f(z, indices) -> (U, grad U)``, checked
+        against eager evaluation at ``z``. :meth:`value_and_grad` uses it from now on for calls
+        with these shapes.
+
+        Args:
+            backend: ``"auto"``, ``"script"``, ``"fx"`` or ``"inductor"`` (default: the
+                potential's ``capture`` option, ``"auto"`` if that is ``"off"``).
+
+        Raises:
+            mcmc.capture.CaptureError: the model cannot be captured (the reason says why).
+        """
+        self._check_z(z)
+        backend = self.capture_mode if backend is None else capture_option(backend)
+        backend = "auto" if backend == "off" else backend
+        key = self._capture_key(z, indices)
+        reference = self._value_and_grad_eager(z, indices)  # validates z/indices, decides paths
+        self._captures.pop(key, None)
+        entry = self._capture_key_now(key, z, indices, backend, reference, log=False)
+        if not isinstance(entry, _CapturedPotential):
+            raise CaptureError(entry)
+
+        def captured(z, indices=None):
+            return entry(z, indices, self._data_inputs()[0])
+
+        return captured
+
+    def captured_graph(self, z: torch.Tensor, indices: dict[str, torch.Tensor] | None = None):
+        """The :class:`mcmc.capture.CapturedGraph` serving calls shaped like ``(z, indices)``,
+        or ``None`` (not captured, or not possible)."""
+        entry = self._captures.get(self._capture_key(z, indices))
+        return entry.graph if isinstance(entry, _CapturedPotential) else None
+
+    def clear_captures(self) -> None:
+        """Forget every captured graph. Graphs freeze the model's Python-level choices and
+        constants (e.g. a ``poutine.scale`` factor): call this after changing them."""
+        self._captures.clear()
+        self._capture_uses.clear()
+
+    @property
+    def capture_info(self) -> dict[str, str]:
+        """For each captured cache key (described in words): the backend running it, or
+        ``"eager: <why capture was not possible>"``."""
+        out = {}
+        for key, entry in self._captures.items():
+            desc = f"{key[0][0]} chain(s)" + (
+                "" if key[3] is None else ", rows " + ", ".join(f"{n}: {tuple(s)}"
+                                                                 for n, s, *_ in key[3]))
+            out[desc] = (entry.graph.backend if isinstance(entry, _CapturedPotential)
+                         else f"eager: {entry}")
+        return out
+
+    def _data_inputs(self):
+        """The model's tensor arguments (graph inputs), how to rebuild the arguments from
+        them, and the part of the cache key they determine; cached per argument objects."""
+        cache = self._data_cache
+        if cache is not None and cache[0] is self.model_args and cache[1] is self.model_kwargs:
+            return cache[2]
+        leaves, spec = pytree.tree_flatten((self.model_args, self.model_kwargs))
+        positions = [i for i, v in enumerate(leaves) if isinstance(v, torch.Tensor)]
+        tensors = [leaves[i] for i in positions]
+        others = []
+        for i, v in enumerate(leaves):
+            if i in positions:
+                continue
+            try:
+                hash(v)
+                others.append((type(v).__name__, v))
+            except TypeError:
+                others.append((type(v).__name__, id(v)))
+        key = (str(spec), tuple(others),
+               tuple((tuple(t.shape), t.dtype, t.device) for t in tensors))
+
+        def rebuild(new_tensors):
+            out = list(leaves)
+            for i, t in zip(positions, new_tensors):
+                out[i] = t
+            return pytree.tree_unflatten(out, spec)
+
+        info = (tensors, rebuild, key)
+        self._data_cache = (self.model_args, self.model_kwargs, info)
+        return info
+
+    def _capture_key(self, z, indices):
+        idx = None if indices is None else tuple(
+            (name, tuple(v.shape), v.dtype, v.device) for name, v in sorted(indices.items()))
+        # the vectorisation path is part of the graph; it is decided once per potential
+        return (tuple(z.shape), z.dtype, z.device, idx, self._data_inputs()[2])
+
+    def _capture_key_now(self, key, z, indices, backend, reference, log: bool = True):
+        """Capture one cache key (or record why not, logging it once); returns the entry."""
+        try:
+            entry = self._capture_graph(z, indices, backend, reference)
+        except CaptureError as e:
+            entry = e.reason
+            if log and entry not in self._capture_logged:
+                self._capture_logged.add(entry)
+                (logger.warning if backend != "auto" else logger.info)(
+                    f"model {_model_name(self.model)!r}: the potential is evaluated eagerly "
+                    f"(capture is not possible: {entry})"
+                )
+        else:
+            logger.debug(f"model {_model_name(self.model)!r}: potential captured for "
+                         f"{tuple(z.shape)} chains x rows "
+                         f"{None if indices is None else {k: tuple(v.shape) for k, v in indices.items()}} "
+                         f"({entry.graph.backend}; {entry.graph.num_gathers} row gather(s) as "
+                         f"index_select{'; ' + '; '.join(entry.graph.notes) if entry.graph.notes else ''})")
+        self._captures[key] = entry
+        return entry
+
+    def _param_reason(self) -> str:
+        return (f"pyro.param site(s) {self._param_sites} are not lifted to graph inputs: their "
+                "values would be frozen into the graph")
+
+    def _capture_graph(self, z, indices, backend, reference):
+        if self._param_sites:
+            raise CaptureError(self._param_reason())
+        if indices is None and any(p.declared for p in self.minibatch_plates.values()):
+            chunks = self._full_data_chunks()
+            if len(chunks) > _MAX_CAPTURED_CHUNKS:
+                raise CaptureError(f"the full-data potential is evaluated in {len(chunks)} "
+                                   "minibatch chunks (too large a graph)")
+        names = [] if indices is None else sorted(indices)
+        data, rebuild, _ = self._data_inputs()
+        n_idx = len(names)
+
+        def fn(zz, *rest):
+            pot = copy.copy(self)
+            pot.model_args, pot.model_kwargs = rebuild(rest[n_idx:])
+            rows = None if indices is None else dict(zip(names, rest[:n_idx]))
+            return pot._value_and_grad_eager(zz, rows)
+
+        idx = [indices[k] for k in names]
+        graph = capture_graph(fn, [z, *idx, *data], backend=backend,
+                              gather_inputs=range(1, 1 + n_idx))
+        entry = _CapturedPotential(graph, names)
+        got = entry(z, indices, data)
+        rtol = 1e-4 if z.dtype != torch.float64 else 1e-9
+        for what, a, b in zip(("potential", "gradient"), got, reference):
+            scale = b.abs().nan_to_num(0.0, 0.0, 0.0).max().clamp_min(1.0)
+            if a.shape != b.shape or not torch.allclose(a, b, rtol=rtol, atol=rtol * float(scale),
+                                                        equal_nan=True):
+                diff = float((a - b).abs().nan_to_num().max()) if a.shape == b.shape else "n/a"
+                raise CaptureError(
+                    f"the captured {what} differs from eager evaluation (max abs difference "
+                    f"{diff}); does the model keep Python state between runs?"
+                )
+        return entry
 
     def log_density(self, values: dict[str, torch.Tensor]) -> torch.Tensor:
         """Full-data log joint ``log p(D, x)`` at *constrained* latent values

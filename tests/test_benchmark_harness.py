@@ -317,3 +317,16 @@ def test_gpu_check_benchmark_subprocess_reports_errors(tmp_path):
     out = gpu_check.run_benchmark("no_such_benchmark", str(tmp_path), 120)
     assert out["benchmark"] == "no_such_benchmark"
     assert out["error"].startswith("exit 2: unknown benchmark(s): no_such_benchmark")
+
+
+@pytest.mark.parametrize("chains,draws", [(1, 2000), (1, 2001), (3, 1500)])
+def test_fast_ess_equals_pyros(chains, draws):
+    """The gated-ESS benchmarks' O(S log S) ESS computes Pyro's effective_sample_size."""
+    from pyro.ops.stats import effective_sample_size
+
+    from benchmarks.bench_sgld import effective_sample_size_fast
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(chains, draws, 4, generator=g, dtype=torch.float64)
+    x = x + 0.03 * torch.cumsum(x, 1)  # autocorrelated, ESS from a few to ~10^3
+    torch.testing.assert_close(effective_sample_size_fast(x), effective_sample_size(x, 0, 1))
