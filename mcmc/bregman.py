@@ -503,14 +503,6 @@ class BregmanProximalLangevin(LangevinKernel):
             self._on_new_potential()
         return pot
 
-    def _mode_start(self, pot) -> torch.Tensor:
-        if self.seed is None:
-            return pot.initial_params(1, init_strategy=self.init_strategy)
-        devices = [pot.device.index or 0] if pot.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(self.seed)
-            return pot.initial_params(1, init_strategy=self.init_strategy)
-
     def _mirrored_sites(self) -> list[str]:
         """Nonsmooth sites whose steps use a (non-Euclidean-identity) mirror map."""
         return [] if self.method == "myula" else list(self.nonsmooth)

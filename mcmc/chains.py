@@ -785,6 +785,16 @@ class LangevinKernel(MCMCKernel):
     def step(self, state, step_size, randomness, t: int) -> NamedTuple:  # pragma: no cover
         raise NotImplementedError
 
+    def _mode_start(self, pot) -> torch.Tensor:
+        """Where a mode search starts: one point of ``init_strategy``, drawn under ``seed`` (when
+        given) without touching the global RNG streams."""
+        if self.seed is None:
+            return pot.initial_params(1, init_strategy=self.init_strategy)
+        devices = [pot.device.index or 0] if pot.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.seed)
+            return pot.initial_params(1, init_strategy=self.init_strategy)
+
     def draw(self, state, generator: torch.Generator, t: int) -> StepRandomness:
         z = state.z
         noise = torch.randn(z.shape, generator=generator, dtype=z.dtype, device=z.device)

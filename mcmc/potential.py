@@ -723,6 +723,18 @@ class Potential:
                 *self.model_args, **self.model_kwargs
             )
         total = 0.0
+        for name, lp, frames in self._scored_sites(tr, weights, include_global):
+            for f in frames:
+                lp = lp * weights[f.name].reshape((-1,) + (1,) * (-f.dim - 1))
+            total = total + lp.sum()
+        if not isinstance(total, torch.Tensor):
+            total = torch.zeros((), dtype=self.dtype, device=self.device)
+        return total
+
+    def _scored_sites(self, tr, weights, include_global: bool):
+        """``(name, scaled and masked log_prob, weighted plate frames)`` of the trace's observed
+        sites that count: minibatch-weighted sites, and the others when ``include_global``
+        (excluded sites and subsample sites skipped; a new latent site is an error)."""
         for name, node in tr.nodes.items():
             if node["type"] != "sample" or site_is_subsample(node):
                 continue
@@ -734,12 +746,7 @@ class Potential:
             if not include_global and not frames:
                 continue
             lp = scale_and_mask(node["fn"].log_prob(node["value"]), node["scale"], node["mask"])
-            for f in frames:
-                lp = lp * weights[f.name].reshape((-1,) + (1,) * (-f.dim - 1))
-            total = total + lp.sum()
-        if not isinstance(total, torch.Tensor):
-            total = torch.zeros((), dtype=self.dtype, device=self.device)
-        return total
+            yield name, lp, frames
 
     def _raise_new_latent(self, name: str):
         raise ValueError(
@@ -776,17 +783,7 @@ class Potential:
                 *self.model_args, **self.model_kwargs
             )
         total = next(iter(values.values())).new_zeros(C)
-        for name, node in tr.nodes.items():
-            if node["type"] != "sample" or site_is_subsample(node):
-                continue
-            if not node["is_observed"]:
-                self._raise_new_latent(name)
-            if name in self.exclude_sites:
-                continue
-            frames = [f for f in node["cond_indep_stack"] if weights and f.name in weights]
-            if not include_global and not frames:
-                continue
-            lp = scale_and_mask(node["fn"].log_prob(node["value"]), node["scale"], node["mask"])
+        for name, lp, frames in self._scored_sites(tr, weights, include_global):
             if not isinstance(lp, torch.Tensor):
                 lp = torch.as_tensor(lp, dtype=total.dtype, device=total.device)
             if lp.dim() > mpn + 1:

@@ -363,14 +363,6 @@ class SGLD(LangevinKernel):
         except (ValueError, FloatingPointError) as e:
             raise ValueError(f"{type(self).__name__}(..., step_size=None): {e}") from None
 
-    def _mode_start(self, pot: Potential) -> torch.Tensor:
-        if self.seed is None:
-            return pot.initial_params(1, init_strategy=self.init_strategy)
-        devices = [pot.device.index or 0] if pot.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(self.seed)
-            return pot.initial_params(1, init_strategy=self.init_strategy)
-
     def _default_initial_z(self, num_chains: int) -> torch.Tensor:
         if self.scale_tril is not None:
             pot = self.potential
