@@ -105,6 +105,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import NamedTuple
 
+import numpy as np
 import pyro
 import torch
 from pyro import poutine
@@ -215,9 +216,12 @@ def draw_rows(
     """``(rows, subsample_size)`` uniform row indices into ``range(size)``, fixed shape.
 
     With replacement: independent uniform draws, ``O(B)``. Without: each row of the result holds
-    ``B`` distinct indices, a uniform ``B``-subset: duplicates are redrawn until none are left
-    (expected ``O(B log B)`` work for ``B << N``; for ``4 B > N`` a random key per index is
-    sorted instead, ``O(N) = O(B)`` there).
+    ``B`` distinct indices in increasing order, a uniform ``B``-subset: ``B`` uniform draws are
+    sorted and every repeat of a value is replaced by a fresh draw until none are left (the set
+    of distinct values, and each fresh draw, is invariant under relabelling the rows, so the
+    final set is a uniform ``B``-subset; expected ``O(B log B)`` work for ``B << N``, one pass
+    when ``B^2 << N``). For ``4 B > N`` a random key per index is sorted instead,
+    ``O(N) = O(B)`` there.
     """
     B = subsample_size
     if with_replacement or B == 1:
@@ -225,16 +229,21 @@ def draw_rows(
     if 4 * B > size:
         keys = torch.rand(rows, size, generator=generator, device=device)
         return keys.argsort(-1)[:, :B]
-    idx = torch.randint(size, (rows, B), generator=generator, device=device)
+    s = _sort_rows(torch.randint(size, (rows, B), generator=generator, device=device))
     while True:
-        s, order = idx.sort(-1)
-        dup_sorted = torch.zeros_like(s, dtype=torch.bool)
-        dup_sorted[:, 1:] = s[:, 1:] == s[:, :-1]
-        if not bool(dup_sorted.any()):
-            return idx
-        dup = torch.zeros_like(dup_sorted).scatter_(1, order, dup_sorted)
-        fresh = torch.randint(size, (rows, B), generator=generator, device=device)
-        idx = torch.where(dup, fresh, idx)
+        repeat = s[:, 1:] == s[:, :-1]
+        if not bool(repeat.any()):
+            return s
+        fresh = torch.randint(size, (rows, B - 1), generator=generator, device=device)
+        s = _sort_rows(torch.cat([s[:, :1], torch.where(repeat, fresh, s[:, 1:])], -1))
+
+
+def _sort_rows(x: torch.Tensor) -> torch.Tensor:
+    """``x`` sorted along its last dim (NumPy's sort on the CPU: about half torch's time for
+    a thousand random int64s)."""
+    if x.device.type == "cpu":
+        return torch.from_numpy(np.sort(x.numpy(), axis=-1))
+    return x.sort(-1).values
 
 
 class MinibatchPlate(NamedTuple):
