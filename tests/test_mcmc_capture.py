@@ -51,7 +51,9 @@ def _draws(cls, model, args, kwargs=None, *, num_samples=6, warmup=10, thinning=
 @pytest.mark.parametrize("cls", [SGLD, pSGLD, CVSGLD])
 def test_captured_and_block_steps_give_the_eager_draws(which, cls):
     """Captured potential, block steps of 7 (not dividing the run: 10 warm-up + 6 x 3 steps,
-    so blocks straddle the warm-up and the thinning) and eager evaluation: bit-identical."""
+    so blocks straddle the warm-up and the thinning) and eager evaluation: bit-identical for the
+    captured single steps and FX blocks; TorchScript blocks to float rounding (its optimising
+    executor may regroup a block's arithmetic: see :mod:`mcmc.capture`)."""
     if which == "user":
         model, args, kwargs, opts = regression, _regression_data(), None, {}
     else:
@@ -60,30 +62,39 @@ def test_captured_and_block_steps_give_the_eager_draws(which, cls):
     eager, _ = _draws(cls, model, args, kwargs, capture="off", **opts)
     captured, kernel = _draws(cls, model, args, kwargs, block_size=1, **opts)
     blocked, blocked_kernel = _draws(cls, model, args, kwargs, block_size=7, **opts)
+    blocked_fx, _ = _draws(cls, model, args, kwargs, block_size=7, capture="fx", **opts)
     assert set(kernel.potential.capture_info.values()) == {"script"}, \
         kernel.potential.capture_info
     assert blocked_kernel.driver.capture_info["block_graphs"] > 0, "no block was captured"
     assert torch.equal(captured, eager)
-    assert torch.equal(blocked, eager)
+    assert torch.equal(blocked_fx, eager)
+    # measured over seeds 3-8: at most 2.4e-7 (1-4 ulp), only with the Laplace
+    # preconditioner
+    torch.testing.assert_close(blocked, eager, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("cls", [SGLD, CVSGLD])
 def test_model_derived_defaults_under_capture_and_block_steps(cls):
     """step_size=None and precondition='auto' (mode search, Laplace preconditioner, step size
     from the model, chains started at Laplace draws): the preconditioner enters the captured
-    step graphs; captured single steps and blocks give the eager draws."""
+    step graphs; captured single steps and FX blocks give the eager draws bit for bit,
+    TorchScript blocks to float rounding."""
     model, args, kwargs = _zoo()
     opts = {"subsample_size": 50}
     eager, eager_kernel = _draws(cls, model, args, kwargs, capture="off", **opts)
     captured, kernel = _draws(cls, model, args, kwargs, block_size=1, **opts)
     blocked, blocked_kernel = _draws(cls, model, args, kwargs, block_size=7, **opts)
+    blocked_fx, _ = _draws(cls, model, args, kwargs, block_size=7, capture="fx", **opts)
     assert blocked_kernel.scale_tril is not None and blocked_kernel.auto_step_size
     assert blocked_kernel.schedule(0) == eager_kernel.schedule(0)
     assert set(kernel.potential.capture_info.values()) == {"script"}, \
         kernel.potential.capture_info
     assert blocked_kernel.driver.capture_info["block_graphs"] > 0, "no block was captured"
     assert torch.equal(captured, eager)
-    assert torch.equal(blocked, eager)
+    assert torch.equal(blocked_fx, eager)
+    # measured over seeds 3-8: at most 2.4e-7 (1-4 ulp), only with the Laplace
+    # preconditioner
+    torch.testing.assert_close(blocked, eager, rtol=1e-6, atol=1e-6)
 
 
 def test_block_steps_with_a_schedule_and_step_halving_match_single_steps():
