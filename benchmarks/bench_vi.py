@@ -204,7 +204,8 @@ def iwelbo_logistic_step(quick: bool):
 def iwelbo_mixture(quick: bool):
     """Gradient of IWELBO, K = 8, on discrete_mixture (N = 50 points) with score-function
     gradients + leave-one-out (VIMCO) baselines at the discrete assignments: vi_estimators.IWELBO
-    vs Pyro's RenyiELBO(alpha=0) and TraceGraph_ELBO with their defaults (K particles looped),
+    with ``capture=True`` (``pyroforge``; ``pyroforge_eager`` without capture) vs Pyro's
+    RenyiELBO(alpha=0) and TraceGraph_ELBO with their defaults (K particles looped),
     and, for information, the same two with ``vectorize_particles=True``. ``numpyro_renyi``:
     NumPyro's RenyiELBO(alpha=0), K = 8, jitted value-and-gradient for the same model and guide;
     it differentiates the log-weights only (no score-function term for ``z``), so it does less
@@ -226,7 +227,8 @@ def iwelbo_mixture(quick: bool):
         return cls(num_particles=k, max_plate_nesting=1, **kw)
 
     impls = {
-        "pyroforge": grads(vi.IWELBO(num_particles=k, max_plate_nesting=1)),
+        "pyroforge": grads(vi.IWELBO(num_particles=k, max_plate_nesting=1, capture=True)),
+        "pyroforge_eager": grads(vi.IWELBO(num_particles=k, max_plate_nesting=1)),
         "pyro_renyi": grads(fresh(pyro.infer.RenyiELBO, alpha=0)),
         "pyro_tracegraph": grads(fresh(pyro.infer.TraceGraph_ELBO)),
     }
