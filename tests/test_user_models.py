@@ -144,9 +144,12 @@ def _langevin_run(kernel, m, geo, c, preconditioned=False):
         h = c / geo.lmax
         T = int(1 / (h * geo.lmin))
     T = min(max(T, 4), 300)
+    # The chains start at exact posterior draws and the test checks that the pooled draws stay
+    # distributed as the posterior; 8 draws per chain after ~one relaxation time are not meant
+    # to make chains agree with each other, so the end-of-run R-hat/ESS check is off here.
     return kernel(h).sample_chains(8, num_chains=C, warmup_steps=T, thinning=T // 4,
                                    model_args=m.args, model_kwargs=m.kwargs,
-                                   initial_params=geo.start, progress=False)
+                                   initial_params=geo.start, progress=False, diagnostics=False)
 
 
 def _xfail(known: dict, names: list) -> list:
