@@ -45,8 +45,8 @@ def sgld_step_time(quick: bool):
     ``capture="auto"``);
     ``pyroforge_sgld_eager``: the same with ``capture="off"`` (the model run every step);
     ``pyroforge_sgld_block``: ``block_size=20``, the 20 steps (noise and rows pre-drawn from the
-    sampler's generator) as one captured TorchScript graph per call (the single steps'
-    draws, to float rounding); ``pyroforge_sgld_block_inductor``: ``capture="inductor"``, each step compiled by
+    sampler's generator) as one captured TorchScript graph per call (same draws as single
+    steps); ``pyroforge_sgld_block_inductor``: ``capture="inductor"``, each step compiled by
     TorchInductor and called 20 times (opt-in: its first call compiles for seconds, and it
     matches the other rows only to float rounding). ``torch_loop_sgld`` is the same update
     written by hand on the tensors (autograd on an inline log-joint, ``X[idx]`` gathers);

@@ -31,9 +31,10 @@ Backends (``backend=``):
 
 ``"fx"`` runs exactly the recorded aten operations in their recorded order, so its results are
 bit-identical to the eager function on the same device. ``"script"`` runs them through
-TorchScript's optimising executor, which may regroup arithmetic in larger graphs after its
-profiling runs: a captured potential has matched eager bit for bit in every test, unrolled
-blocks of steps only to float rounding (a few ulp).
+TorchScript's optimising executor, which may regroup arithmetic after its profiling runs (seen
+as 1-4 ulp differences in unrolled blocks of steps with matrix products); captured potentials
+have matched eager bit for bit in every test, and blocks of steps (:func:`compile_steps`) run
+with that optimisation off, so they match too.
 
 Row gathers: an advanced-indexing gather ``X[idx]`` whose index is (a view of) an input named
 in ``gather_inputs`` is rewritten to ``index_select`` (about 3x cheaper on CPU for row
@@ -571,10 +572,12 @@ def trace_graph(
 
 
 def compile_graph(gm, example_inputs: Sequence[torch.Tensor], backend: str = "auto", *,
-                  num_gathers: int = 0) -> CapturedGraph:
+                  num_gathers: int = 0, exact: bool = False) -> CapturedGraph:
     """Make ``gm`` (from :func:`trace_graph` or :func:`unroll`) runnable by ``backend``
     (falling back from ``"inductor"`` to TorchScript to the FX graph's Python, noted in
-    :attr:`CapturedGraph.notes`)."""
+    :attr:`CapturedGraph.notes`). ``exact=True``: TorchScript runs the recorded operations
+    as recorded (``torch.jit.optimized_execution(False)``: no regrouping by its optimising
+    executor, bit-identical to the FX graph, a few percent slower)."""
     if backend not in BACKENDS:
         raise ValueError(f"capture backend must be one of {BACKENDS}, got {backend!r}")
     notes: list[str] = []
@@ -595,7 +598,8 @@ def compile_graph(gm, example_inputs: Sequence[torch.Tensor], backend: str = "au
         reference = tuple(reference) if isinstance(reference, (list, tuple)) else (reference,)
         if not _same(got, reference):
             raise RuntimeError("TorchScript results differ from the FX graph's")
-        return CapturedGraph(gm, scripted, "script", notes, num_gathers)
+        return CapturedGraph(gm, _unoptimized(scripted) if exact else scripted, "script",
+                             notes, num_gathers)
     except Exception as e:  # noqa: BLE001 - fall back to the FX graph's Python, noted
         notes.append(f"TorchScript failed ({_first_line(e)})")
     return CapturedGraph(gm, gm, "fx", notes, num_gathers)
@@ -669,6 +673,14 @@ def unroll(step_graphs: Sequence, num_carry: int):
     return torch.fx.GraphModule(root, graph)
 
 
+def _unoptimized(scripted):
+    def run(*tensors):
+        with torch.jit.optimized_execution(False):
+            return scripted(*tensors)
+
+    return run
+
+
 def compile_steps(step_graphs: Sequence, num_carry: int,
                   example_inputs: Sequence[torch.Tensor], backend: str = "auto", *,
                   unrolled: bool = True) -> CapturedGraph:
@@ -678,9 +690,12 @@ def compile_steps(step_graphs: Sequence, num_carry: int,
     steps; compiling it costs about a second for 16 steps of a small model. ``unrolled=False``,
     and always for Inductor (whose compile time grows with the graph: minutes for an unrolled
     block): each distinct step graph compiled once and called ``k`` times from a short Python
-    loop (compile cost of one step; some Python per step)."""
+    loop (compile cost of one step; some Python per step). TorchScript runs them ``exact``
+    (see :func:`compile_graph`): a block's draws are then bit-identical to single steps', so
+    ``block_size="auto"``, which decides by timing, cannot change a run's numbers."""
     if backend != "inductor" and unrolled:
-        return compile_graph(unroll(step_graphs, num_carry), example_inputs, backend)
+        return compile_graph(unroll(step_graphs, num_carry), example_inputs, backend,
+                             exact=True)
     carry_examples = list(example_inputs[:num_carry])
     runners, spans, compiled, notes = [], [], {}, []
     offset = num_carry
@@ -688,7 +703,7 @@ def compile_steps(step_graphs: Sequence, num_carry: int,
         n_extra = sum(1 for n in gm.graph.nodes if n.op == "placeholder") - num_carry
         extra = list(example_inputs[offset:offset + n_extra])
         if id(gm) not in compiled:
-            compiled[id(gm)] = compile_graph(gm, carry_examples + extra, backend)
+            compiled[id(gm)] = compile_graph(gm, carry_examples + extra, backend, exact=True)
             notes += compiled[id(gm)].notes
         runners.append(compiled[id(gm)])
         spans.append((offset, offset + n_extra))

@@ -37,12 +37,10 @@ sizes of a non-constant schedule are graph inputs), which also returns every ste
 and a per-chain checksum that is non-finite whenever a state entry is. If any chain became
 NaN/inf inside the block, the block is discarded, the generator rewound to its start and the
 ``k`` steps replayed one by one -- so NaN checks, step halving and their errors happen at the
-exact step, and block and single-step runs give the same draws for the same seed:
-bit-identical with the ``"fx"`` backend; with ``"script"`` (what ``"auto"`` picks) equal to float
-rounding, because TorchScript's optimising executor may regroup a block's arithmetic after its
-profiling runs (seen as differences of 1-4 ulp with the Laplace preconditioner's matrix
-products; ``torch.jit.optimized_execution(False)`` removes them at a few percent of speed).
-Checkpoints fall between blocks and
+exact step, and block and single-step runs give the same draws for the same seed,
+bit-identical (TorchScript runs blocks with its optimising executor off: it would regroup a
+block's arithmetic, 1-4 ulp; see :func:`mcmc.capture.compile_steps`). Checkpoints fall between
+blocks and
 stay exact. Runs with a ``callback`` use single steps, and so do steps whose ``block_key``
 changes within the next ``k`` steps (a block never spans two keys, e.g. two federated rounds).
 
@@ -53,7 +51,7 @@ short Python loop (capturing costs about as much as one step graph), or, in runs
 :data:`AUTO_UNROLL_MIN_STEPS` steps, unrolled into one graph (compiling it takes up to about a
 second; it runs faster). Blocks are kept only if timing shows they beat single steps (per-step
 Python overhead dominates small steps; a step that is mostly tensor work gains nothing). Timing
-decides only the speed: the draws are the same either way (to float rounding with ``"script"``).
+decides only the speed: the draws are the same either way.
 """
 
 from __future__ import annotations
@@ -616,8 +614,7 @@ class LangevinKernel(MCMCKernel):
             graphs where possible (eager with one log line otherwise); ``"script"``, ``"fx"``,
             ``"inductor"`` (a backend, :mod:`mcmc.capture`) or ``"off"``.
         block_size: steps per captured call in :meth:`sample_chains` (``"auto"`` or an int;
-            see :mod:`mcmc.chains`); the draws do not depend on it (to float rounding with
-            the ``"script"`` backend).
+            see :mod:`mcmc.chains`); the draws do not depend on it.
 
     Checkpoints: :meth:`state_dict` / :meth:`load_state_dict` (bit-identical continuation; the
     next run must use the checkpoint's number of chains).

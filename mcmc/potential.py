@@ -85,8 +85,8 @@ initialisation, error reports -- stay eager) and the graph is checked against th
 there. The row gathers ``X[idx]`` of the model by the plate's indices run as ``index_select``
 in the graph.
 
-With ``"fx"`` the captured values are bit-identical to eager evaluation, with ``"script"`` equal
-in every test (see :mod:`mcmc.capture` for what TorchScript may regroup). Capture is
+With ``"fx"`` the captured values are bit-identical to eager evaluation, with ``"script"`` in
+every test (see :mod:`mcmc.capture` for what TorchScript may regroup). Capture is
 not possible -- and the potential stays eager, with **one** log line (logger ``mcmc.potential``)
 saying why -- when the model reads tensor values in Python (``.item()``, ``float(t)``, Python
 control flow on a tensor value), has data-dependent shapes (``x[mask]``, ``nonzero``), draws
