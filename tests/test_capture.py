@@ -15,9 +15,9 @@ import pyro.distributions.transforms as T
 import pytest
 import torch
 from pyro.infer.autoguide import AutoDiagonalNormal, AutoNormal, AutoNormalizingFlow
-from pyro.nn import PyroModule, PyroSample
 from torch import nn
 from torch.distributions import constraints
+from user_models import BayesianRegression
 
 import models
 import vi_estimators as vi
@@ -218,32 +218,16 @@ def test_autonormal_flow_guide_with_tied_parameters():
     _assert_identical(*runs)
 
 
-class BayesianRegression(PyroModule):
-    """Pyro's Bayesian regression tutorial model (PyroModule + PyroSample)."""
-
-    def __init__(self, in_features):
-        super().__init__()
-        self.linear = PyroModule[nn.Linear](in_features, 1)
-        self.linear.weight = PyroSample(dist.Normal(0.0, 1.0).expand([1, in_features]).to_event(2))
-        self.linear.bias = PyroSample(dist.Normal(0.0, 10.0).expand([1]).to_event(1))
-
-    def forward(self, x, y=None):
-        sigma = pyro.sample("sigma", dist.Uniform(0.0, 10.0))
-        mean = self.linear(x).squeeze(-1)
-        with pyro.plate("data", x.shape[0]):
-            pyro.sample("obs", dist.Normal(mean, sigma), obs=y)
-        return mean
-
-
 def test_tutorial_pyromodule_regression():
-    """A model written as in Pyro's tutorials, with an AutoDiagonalNormal guide."""
+    """Pyro's Bayesian regression tutorial model (PyroModule + PyroSample, from the user-model
+    corpus), with an AutoDiagonalNormal guide."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(50, 3, generator=g)
     y = x @ torch.tensor([1.0, -2.0, 0.5]) + 0.3 * torch.randn(50, generator=g)
     runs = []
     for capture in (False, True):
         pyro.set_rng_seed(0)
-        model = BayesianRegression(3)
+        model = BayesianRegression(3, 1)
         guide = AutoDiagonalNormal(model)
         runs.append(_svi_run(model, guide, (x, y), vi.ELBO(capture=capture), num_steps=8))
     _assert_identical(*runs)
