@@ -55,23 +55,22 @@ def _warn(message: str) -> None:
 
 
 # --------------------------------------------------------------------------- argument types
-def _model_name(name: str) -> str:
-    if name not in MODELS:
-        close = difflib.get_close_matches(name, MODELS, n=1)
+def _one_of(kind: str, name: str, valid) -> str:
+    """``name`` if it is in ``valid``, else an argparse error naming the closest valid one."""
+    if name not in valid:
+        close = difflib.get_close_matches(name, valid, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise argparse.ArgumentTypeError(
-            f"unknown model {name!r}{hint}; valid models: {', '.join(MODELS)}")
+            f"unknown {kind} {name!r}{hint}; valid {kind}s: {', '.join(valid)}")
     return name
+
+
+def _model_name(name: str) -> str:
+    return _one_of("model", name, MODELS)
 
 
 def _method_name(name: str) -> str:
-    names = method_names()
-    if name not in names:
-        close = difflib.get_close_matches(name, names, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise argparse.ArgumentTypeError(
-            f"unknown method {name!r}{hint}; valid methods: {', '.join(names)}")
-    return name
+    return _one_of("method", name, method_names())
 
 
 def _method_list(text: str) -> list[str]:
